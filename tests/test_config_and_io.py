@@ -1,0 +1,95 @@
+"""Config errors name the key; Arrow files are written atomically and read with clear errors."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from qbreak import __version__
+from qbreak.config import check_config, load_schema
+from qbreak.errors import QbreakError
+from qbreak.io import NLL_SCHEMA, atomic_path, read_table, table_metadata, write_table
+from tests.conftest import REPO, run_snakemake
+
+SCHEMA = load_schema(REPO / "schemas" / "config.schema.yaml")
+DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+@pytest.mark.parametrize("path", ["config.yaml", "tests/workflow/config.yaml", "config/paper.yaml"])
+def test_shipped_configs_are_valid(path: str) -> None:
+    check_config(yaml.safe_load((REPO / path).read_text()), SCHEMA)
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c["corpus"].update(n_exampels=3), "config key corpus.n_exampels: unknown key"),
+        (lambda c: c["corpus"].update(seq_len="long"), "config key corpus.seq_len: 'long' is not of type 'integer'"),
+        (lambda c: c["runtime"].update(dtype="fp8"), "config key runtime.dtype: 'fp8' is not one of"),
+        (lambda c: c.update(modles={}), "config key modles: unknown key"),
+        (lambda c: c["models"]["smollm2-135m"].update(path="/x"), "config key models.smollm2-135m: give exactly one"),
+        (lambda c: c["corpus"].pop("bundled"), "config key corpus: give exactly one source"),
+    ],
+)
+def test_config_errors_name_the_key(edit, expected: str) -> None:
+    config = copy.deepcopy(DEFAULT)
+    edit(config)
+    with pytest.raises(QbreakError) as info:
+        check_config(config, SCHEMA)
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_snakemake_refuses_a_config_typo_naming_the_key(tmp_path: Path) -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["corpus"]["n_exampels"] = 3
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = run_snakemake(tmp_path, "-n", "--cores", "1", check=False)
+    assert proc.returncode != 0
+    assert "config key corpus.n_exampels: unknown key" in proc.stdout + proc.stderr
+
+
+def test_paper_config_builds_its_dag(tmp_path: Path) -> None:
+    (tmp_path / "config.yaml").write_text((REPO / "config" / "paper.yaml").read_text())
+    proc = run_snakemake(tmp_path, "-n", "--cores", "1")
+    assert "fetch_model" in proc.stdout and "compute_nll" in proc.stdout
+
+
+def nll_table() -> pa.Table:
+    return pa.table(
+        {"example_id": [0, 1], "model": ["m", "m"], "method": ["fp", "fp"], "nll": [1.5, 2.5],
+         "n_tokens": [8, 8], "n_scored": [7, 7]}
+    )
+
+
+def test_write_table_roundtrip_with_schema_and_version(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "nll.arrow"
+    write_table(nll_table(), path, NLL_SCHEMA, {"model": "m"})
+    table = read_table(path, NLL_SCHEMA)
+    assert table.schema.equals(NLL_SCHEMA, check_metadata=False)
+    assert table_metadata(table) == {"qbreak_version": __version__, "model": "m"}
+    assert [p.name for p in path.parent.iterdir()] == ["nll.arrow"]  # no temporary left behind
+
+
+def test_failed_write_leaves_no_partial_file(tmp_path: Path) -> None:
+    path = tmp_path / "out.arrow"
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_bytes(b"half a table")
+        raise RuntimeError("crash mid-write")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_or_missing_arrow_is_one_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.arrow"
+    write_table(nll_table(), bad)
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    with pytest.raises(QbreakError, match=r"bad\.arrow: not a readable Arrow IPC file"):
+        read_table(bad)
+    with pytest.raises(QbreakError, match=r"missing\.arrow: file not found"):
+        read_table(tmp_path / "missing.arrow")
+    write_table(nll_table().drop_columns(["nll"]), tmp_path / "narrow.arrow")
+    with pytest.raises(QbreakError, match=r"narrow\.arrow: missing columns \['nll'\]"):
+        read_table(tmp_path / "narrow.arrow", NLL_SCHEMA)

@@ -1,0 +1,104 @@
+"""Examples: first seq_len tokens of long-enough documents, seeded, disjoint calibration split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qbreak.corpus import Document, build_examples, iter_documents, resolve_start_token
+from qbreak.errors import QbreakError
+
+pytestmark = pytest.mark.slow  # needs the bundled tokenizer (fetched once per session)
+
+
+def docs(n: int, words: int = 60) -> list[Document]:
+    return [Document(str(i), " ".join(f"word{i}x{j}" for j in range(words)), "t") for i in range(n)]
+
+
+def test_bundled_wikipedia_corpus_is_real() -> None:
+    documents = list(iter_documents({"bundled": "wikipedia-vital"}))
+    assert len(documents) == 10_033
+    assert len({d.doc_id for d in documents}) == len(documents)
+    assert sum(len(d.text) for d in documents) > 4_000_000
+    assert {d.topic for d in documents} >= {"Arts", "History"}
+
+
+def test_examples_are_seq_len_with_start_token_and_disjoint(bundled_tokenizer) -> None:
+    start = resolve_start_token(bundled_tokenizer, "<|endoftext|>", "models.m.start_token")
+    assert start == 0
+    evaluation, calibration = build_examples(
+        iter_documents({"bundled": "wikipedia-vital"}), bundled_tokenizer, 64, 40, 10, seed=7, start_token_id=start
+    )
+    assert (evaluation.num_rows, calibration.num_rows) == (40, 10)
+    for table in (evaluation, calibration):
+        ids = table.column("input_ids").to_pylist()
+        assert all(len(r) == 64 and r[0] == 0 and 0 not in r[1:] for r in ids)
+        assert table.column("example_id").to_pylist() == list(range(table.num_rows))
+    assert not set(evaluation.column("doc_id").to_pylist()) & set(calibration.column("doc_id").to_pylist())
+    # The text column is the decoded document tokens, which tokenize back to the same ids.
+    first = evaluation.slice(0, 1).to_pylist()[0]
+    assert bundled_tokenizer(first["text"], add_special_tokens=False)["input_ids"] == first["input_ids"][1:]
+
+
+def test_examples_are_seeded(bundled_tokenizer) -> None:
+    def draw(seed: int) -> pa.Table:
+        return build_examples(iter(docs(50)), bundled_tokenizer, 16, 10, 5, seed=seed, start_token_id=0)[0]
+
+    assert draw(3).equals(draw(3))
+    assert draw(3).column("doc_id").to_pylist() != draw(4).column("doc_id").to_pylist()
+
+
+def test_short_documents_are_skipped_not_packed(bundled_tokenizer) -> None:
+    corpus = docs(6, words=60) + docs(6, words=2)
+    evaluation, calibration = build_examples(iter(corpus), bundled_tokenizer, 32, 4, 2, seed=0, start_token_id=None)
+    kept = set(evaluation.column("doc_id").to_pylist()) | set(calibration.column("doc_id").to_pylist())
+    assert len(kept) == 6 and all(len(r) == 32 for r in evaluation.column("input_ids").to_pylist())
+
+
+def test_too_few_long_documents_is_one_line_error(bundled_tokenizer) -> None:
+    with pytest.raises(QbreakError) as info:
+        build_examples(iter(docs(5)), bundled_tokenizer, 32, 10, 2, seed=0, start_token_id=0, corpus_name="tiny")
+    message = str(info.value)
+    assert "\n" not in message and "corpus.n_examples" in message and "'tiny' has only 5 of 5" in message
+
+
+def test_empty_corpus_is_an_error(bundled_tokenizer) -> None:
+    with pytest.raises(QbreakError, match="has no documents"):
+        build_examples(iter([]), bundled_tokenizer, 32, 1, 0, seed=0, start_token_id=0)
+
+
+def test_start_token_choices(bundled_tokenizer) -> None:
+    assert resolve_start_token(bundled_tokenizer, None, "k") is None
+    assert resolve_start_token(bundled_tokenizer, "bos", "k") == bundled_tokenizer.bos_token_id
+    with pytest.raises(QbreakError, match="models.m.start_token: '<nope>' is not a token"):
+        resolve_start_token(bundled_tokenizer, "<nope>", "models.m.start_token")
+
+
+def test_local_file_formats_give_the_same_documents(tmp_path: Path) -> None:
+    texts = ["first document text", "second one", "third"]
+    (tmp_path / "c.txt").write_text("\n".join(texts) + "\n")
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"body": t}) for t in texts))
+    pq.write_table(pa.table({"body": texts}), tmp_path / "c.parquet")
+    for name, column in (("c.txt", "text"), ("c.jsonl", "body"), ("c.parquet", "body")):
+        got = [d.text for d in iter_documents({"path": str(tmp_path / name), "text_column": column})]
+        assert got == texts, name
+    with pytest.raises(QbreakError, match="corpus.path: .*missing.txt does not exist"):
+        list(iter_documents({"path": str(tmp_path / "missing.txt")}))
+    with pytest.raises(QbreakError, match="no column 'text'"):
+        list(iter_documents({"path": str(tmp_path / "c.parquet")}))
+
+
+def test_hf_dataset_source_streams_a_local_dataset(tmp_path: Path) -> None:
+    """The real datasets.load_dataset(streaming=True) path, on a local dataset folder (no hub here)."""
+    folder = tmp_path / "fineweb-like"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text("\n".join(json.dumps({"id": f"d{i}", "text": f"doc {i}"}) for i in range(7)))
+    spec = {"hf": str(folder), "revision": "main", "split": "train", "max_documents": 5}
+    got = list(iter_documents(spec))
+    assert [d.doc_id for d in got] == ["d0", "d1", "d2", "d3", "d4"]
+    with pytest.raises(QbreakError, match="corpus.revision"):
+        list(iter_documents({"hf": str(folder)}))

@@ -1,0 +1,94 @@
+"""Per-example NLL: equals the model's own loss, independent of batch size, padding and chunking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from qbreak.io import EXAMPLES_SCHEMA
+from qbreak.nll import per_example_nll, token_nll
+from tests.conftest import make_tiny_llama
+
+
+def examples_table(rows: list[list[int]]) -> pa.Table:
+    return pa.table(
+        {
+            "example_id": np.arange(len(rows), dtype=np.int32),
+            "doc_id": [str(i) for i in range(len(rows))],
+            "topic": [None] * len(rows),
+            "input_ids": rows,
+            "n_tokens": [len(r) for r in rows],
+            "text": [""] * len(rows),
+        },
+        schema=EXAMPLES_SCHEMA,
+    )
+
+
+def random_rows(n: int, vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(1, vocab, size=lengths[i % len(lengths)]).tolist() for i in range(n)]
+
+
+def own_loss(model: torch.nn.Module, ids: list[int]) -> float:
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        return float(model(input_ids=x, labels=x).loss)
+
+
+def test_nll_equals_model_loss_tiny(tiny_llama: torch.nn.Module) -> None:
+    rows = random_rows(5, 512, [17, 40, 64])
+    table = per_example_nll(tiny_llama, examples_table(rows), "tiny", "fp", batch_size=1)
+    for row, nll in zip(rows, table.column("nll").to_pylist(), strict=True):
+        assert nll == pytest.approx(own_loss(tiny_llama, row), abs=1e-5)
+    assert table.column("n_scored").to_pylist() == [len(r) - 1 for r in rows]
+
+
+@pytest.mark.slow
+def test_nll_equals_model_loss_bundled(bundled_model: torch.nn.Module, bundled_tokenizer) -> None:
+    text = "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France."
+    ids = [0] + bundled_tokenizer(text, add_special_tokens=False)["input_ids"]
+    table = per_example_nll(bundled_model, examples_table([ids]), "smollm2-135m", "fp", batch_size=1)
+    nll = table.column("nll")[0].as_py()
+    # HF averages in float32 over full-vocabulary logits; qbreak sums chunked float32 terms in float64.
+    assert nll == pytest.approx(own_loss(bundled_model, ids), abs=1e-4)
+    assert 0.5 < nll < 8  # a real language model on plain English text
+
+
+def test_nll_independent_of_batch_size_and_padding(tiny_llama: torch.nn.Module) -> None:
+    # Mixed lengths force right padding; each batch size pads differently.
+    rows = random_rows(7, 512, [9, 33, 20, 64], seed=1)
+    table = examples_table(rows)
+    reference = per_example_nll(tiny_llama, table, "tiny", "fp", batch_size=1).column("nll").to_numpy()
+    for batch_size in (2, 3, 7):
+        other = per_example_nll(tiny_llama, table, "tiny", "fp", batch_size=batch_size).column("nll").to_numpy()
+        np.testing.assert_allclose(other, reference, atol=1e-4, rtol=0)
+    # Padding with a different pad id must not matter either (it is masked, never a target).
+    from qbreak.nll import NLLStatistic
+    from qbreak.passes import iter_batches, run_pass
+
+    stat = NLLStatistic("tiny", "fp")
+    run_pass(tiny_llama, iter_batches(table, 7, pad_id=511), [stat])
+    np.testing.assert_allclose(stat.result().column("nll").to_numpy(), reference, atol=1e-4, rtol=0)
+
+
+def test_chunked_nll_equals_full_log_softmax() -> None:
+    torch.manual_seed(0)
+    hidden, weight, bias = torch.randn(37, 16), torch.randn(101, 16), torch.randn(101)
+    targets = torch.randint(0, 101, (37,))
+    full = -torch.log_softmax(hidden @ weight.T + bias, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    for chunk in (1, 5, 37, 1000):
+        torch.testing.assert_close(token_nll(hidden, weight, targets, bias, chunk), full, atol=1e-5, rtol=0)
+
+
+def test_fallback_path_for_transformed_logits_matches_model_loss() -> None:
+    model = make_tiny_llama(seed=3)
+    model.config.logit_scale = 0.5  # marks logits as transformed: NLL must come from model(...).logits
+    from qbreak.nll import has_plain_lm_head
+
+    assert not has_plain_lm_head(model)
+    rows = random_rows(3, 512, [12, 30], seed=2)
+    table = per_example_nll(model, examples_table(rows), "tiny", "fp", batch_size=2)
+    for row, nll in zip(rows, table.column("nll").to_pylist(), strict=True):
+        assert nll == pytest.approx(own_loss(model, row), abs=1e-5)

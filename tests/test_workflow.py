@@ -1,0 +1,54 @@
+"""The real Snakefile end to end on the tiny config, in a temporary folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from qbreak import __version__
+from qbreak.io import EXAMPLES_SCHEMA, NLL_SCHEMA, read_table, table_metadata
+from tests.conftest import run_snakemake, tiny_workflow_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_run(bundled_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    workdir = tmp_path_factory.mktemp("workflow")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_workflow_config(bundled_model_dir)))
+    run_snakemake(workdir, "--cores", "2")
+    return workdir
+
+
+def test_examples_table(tiny_run: Path) -> None:
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())["corpus"]
+    folder = tiny_run / "results" / "corpus" / "wikipedia-vital" / "smollm2-135m"
+    examples = read_table(folder / "examples.arrow")
+    calibration = read_table(folder / "calibration.arrow")
+    assert examples.schema.equals(EXAMPLES_SCHEMA, check_metadata=False)
+    assert (examples.num_rows, calibration.num_rows) == (config["n_examples"], config["n_calibration"])
+    assert table_metadata(examples)["qbreak_version"] == __version__
+    assert all(len(r) == config["seq_len"] and r[0] == 0 for r in examples.column("input_ids").to_pylist())
+    assert not set(examples.column("doc_id").to_pylist()) & set(calibration.column("doc_id").to_pylist())
+    assert all(t.strip() for t in examples.column("text").to_pylist())
+
+
+def test_fp_nll_table(tiny_run: Path) -> None:
+    nll = read_table(tiny_run / "results" / "nll" / "smollm2-135m" / "fp.arrow")
+    assert nll.schema.equals(NLL_SCHEMA, check_metadata=False)
+    values = nll.column("nll").to_numpy()
+    assert np.isfinite(values).all() and 0.5 < values.mean() < 8  # a real LM on Wikipedia text
+    assert values.std() > 0.05  # examples differ
+    assert set(nll.column("method").to_pylist()) == {"fp"}
+    assert nll.column("n_scored").to_pylist() == [31] * nll.num_rows
+    for name in ("fetch_model", "make_examples", "compute_nll"):
+        assert list((tiny_run / "benchmarks" / name).rglob("*.tsv")), name
+        assert list((tiny_run / "logs" / name).rglob("*.log")), name
+
+
+def test_second_run_has_nothing_to_do(tiny_run: Path) -> None:
+    proc = run_snakemake(tiny_run, "-n", "--cores", "2")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
