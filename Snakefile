@@ -11,7 +11,9 @@ configfile: "config.yaml"
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/corpus.smk"
+include: "rules/quantize.smk"
 include: "rules/nll.smk"
+include: "rules/errors.smk"
 
 
 rule all:

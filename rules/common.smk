@@ -12,7 +12,8 @@ validate(config, schema="../schemas/config.schema.yaml")
 
 MODELS = list(config["models"])
 CORPUS = config["corpus"]["name"]
-METHODS = ["fp"]
+QUANTIZED = list(config.get("methods") or {})
+METHODS = ["fp", *QUANTIZED]
 
 
 def _alternatives(names):
@@ -31,6 +32,19 @@ CODE = {
     "models": source_hash("models", "io"),
     "corpus": source_hash("corpus", "models", "io"),
     "nll": source_hash("nll", "passes", "models", "io", "runtime"),
+    "quantize": source_hash(
+        "quantize.base",
+        "quantize.rtn",
+        "quantize.nf",
+        "quantize.hqq",
+        "quantize.gptq",
+        "quantize.awq",
+        "quantize.oneshot",
+        "quantize.run",
+        "models",
+        "io",
+    ),
+    "errors": source_hash("errors_table", "io"),
 }
 
 
@@ -46,9 +60,24 @@ def model_dir(wildcards):
     return f"results/models/{wildcards.model}/{wildcards.method}"
 
 
+def method_entry(wildcards):
+    return config["methods"][wildcards.method]
+
+
+def calibration_file(wildcards):
+    return f"results/corpus/{CORPUS}/{wildcards.model}/calibration.arrow"
+
+
+def quantized_nll_files(wildcards):
+    return [f"results/nll/{wildcards.model}/{method}.arrow" for method in QUANTIZED]
+
+
 def examples_file(wildcards):
     return f"results/corpus/{CORPUS}/{wildcards.model}/examples.arrow"
 
 
 def get_final_output():
-    return expand("results/nll/{model}/{method}.arrow", model=MODELS, method=METHODS)
+    outputs = expand("results/nll/{model}/fp.arrow", model=MODELS)
+    if QUANTIZED:
+        outputs += expand("results/errors/{model}.arrow", model=MODELS)
+    return outputs

@@ -75,10 +75,12 @@ def tiny_workflow_config(model_dir: Path) -> dict:
     return config
 
 
-def run_snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run the repository's real Snakefile in `workdir` (which holds config.yaml)."""
+def run_snakemake(
+    workdir: Path, *args: str, check: bool = True, configfile: str = "config.yaml"
+) -> subprocess.CompletedProcess[str]:
+    """Run the repository's real Snakefile in `workdir` (which holds `configfile`)."""
     cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--configfile", str(workdir / "config.yaml"), *args]
+           "--configfile", str(workdir / configfile), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")

@@ -119,3 +119,18 @@ def table_metadata(table: pa.Table) -> dict[str, str]:
     """The schema metadata of `table` as str -> str."""
     raw = table.schema.metadata or {}
     return {k.decode(): v.decode() for k, v in raw.items()}
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("example_id", pa.int32(), nullable=False),
+        pa.field("model", pa.string(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),
+        pa.field("family", pa.string(), nullable=False),
+        pa.field("bits", pa.int32(), nullable=False),
+        pa.field("group_size", pa.int32(), nullable=False),
+        pa.field("nll_fp", pa.float64(), nullable=False),
+        pa.field("nll_q", pa.float64(), nullable=False),
+        pa.field("error", pa.float64(), nullable=False),  # nll_q - nll_fp, nats per token
+    ]
+)

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from qbreak.errors import QbreakError
-from qbreak.io import EXAMPLES_SCHEMA, NLL_SCHEMA, read_table, write_table
+import pyarrow as pa
+import pyarrow.compute  # noqa: F401 (pa.compute)
+
+from qbreak.io import ERRORS_SCHEMA, EXAMPLES_SCHEMA, NLL_SCHEMA, read_table, write_table
 from qbreak.runtime import configure
 
 log = logging.getLogger(__name__)
@@ -91,3 +94,28 @@ def nll_job(
     n_tokens = int(sum(result.column("n_tokens").to_pylist()))
     log.info("%s/%s: %d examples, %.0f tokens/s", model_name, method, result.num_rows, n_tokens / seconds)
     write_table(result, output, NLL_SCHEMA, {"model": model_name, "method": method, "dtype": str(dtype)})
+
+
+def quantize_job(
+    method: str, entry: Mapping[str, Any], model_dir: str, calibration: str, output: str, device: str = "cpu"
+) -> None:
+    """Quantize the FP model with config entry methods.<method> into `output`."""
+    from qbreak.quantize.run import quantize_model
+
+    quantize_model(method, entry, model_dir, calibration, output, device=device)
+
+
+def errors_job(fp: str, nll: Mapping[str, str], methods: Mapping[str, Mapping[str, Any]], output: str) -> None:
+    """Join the FP NLL with every method's NLL into results/errors/{model}.arrow."""
+    from qbreak.errors_table import error_table
+    from qbreak.quantize import METHODS
+
+    described = {
+        name: {**entry, "family": METHODS[entry["kind"]].family} for name, entry in methods.items() if name in nll
+    }
+    quantized = {name: read_table(path, NLL_SCHEMA) for name, path in nll.items()}
+    table = error_table(read_table(fp, NLL_SCHEMA), quantized, described)
+    write_table(table, output, ERRORS_SCHEMA)
+    for name in quantized:
+        errors = table.filter(pa.compute.equal(table["method"], name))
+        log.info("%s: mean error %.4f nats", name, pa.compute.mean(errors["error"]).as_py())

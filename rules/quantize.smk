@@ -1,0 +1,24 @@
+rule quantize_model:
+    input:
+        model="results/models/{model}/fp",
+        calibration=calibration_file,
+    output:
+        directory("results/models/{model}/{method}"),
+    wildcard_constraints:
+        method=_alternatives(QUANTIZED),
+    log:
+        "logs/quantize_model/{model}/{method}.log",
+    benchmark:
+        "benchmarks/quantize_model/{model}/{method}.tsv"
+    conda:
+        "../envs/qbreak.yaml"
+    # Scaled down to --cores: a quantization job uses every core, never sharing them.
+    threads: 8
+    resources:
+        mem_mb=6000,
+    params:
+        entry=method_entry,
+        device=config["runtime"]["device"],
+        code=CODE["quantize"],
+    script:
+        "../workflow_scripts/quantize_model.py"
