@@ -14,6 +14,16 @@ MODELS = list(config["models"])
 CORPUS = config["corpus"]["name"]
 QUANTIZED = list(config.get("methods") or {})
 METHODS = ["fp", *QUANTIZED]
+# Calibration corpora other than the main corpus (methods.<name>.calibration), by name.
+CALIBRATION = {
+    entry["calibration"]["name"]: entry["calibration"]
+    for entry in (config.get("methods") or {}).values()
+    if entry.get("calibration")
+}
+if CORPUS in CALIBRATION:
+    raise ValueError(
+        f"config key methods.*.calibration.name: '{CORPUS}' is the main corpus's name; choose another"
+    )
 
 
 def _alternatives(names):
@@ -23,15 +33,16 @@ def _alternatives(names):
 wildcard_constraints:
     model=_alternatives(MODELS),
     corpus=re.escape(CORPUS),
+    calibration=_alternatives(CALIBRATION) or "(?!)",
     method=_alternatives(METHODS),
 
 
 # Snakemake cannot see inside the installed qbreak package: a hash of each stage's modules goes
 # into that stage's params, so editing a stage's code reruns exactly that stage.
 CODE = {
-    "models": source_hash("models", "io"),
-    "corpus": source_hash("corpus", "models", "io"),
-    "nll": source_hash("nll", "passes", "models", "io", "runtime"),
+    "models": source_hash("models", "io", "jobs"),
+    "corpus": source_hash("corpus", "models", "io", "jobs"),
+    "nll": source_hash("nll", "passes", "models", "io", "runtime", "jobs"),
     "quantize": source_hash(
         "quantize.base",
         "quantize.rtn",
@@ -43,8 +54,9 @@ CODE = {
         "quantize.run",
         "models",
         "io",
+        "jobs",
     ),
-    "errors": source_hash("errors_table", "io"),
+    "errors": source_hash("errors_table", "io", "jobs"),
 }
 
 
@@ -65,7 +77,20 @@ def method_entry(wildcards):
 
 
 def calibration_file(wildcards):
-    return f"results/corpus/{CORPUS}/{wildcards.model}/calibration.arrow"
+    source = config["methods"][wildcards.method].get("calibration")
+    corpus = source["name"] if source else CORPUS
+    return f"results/corpus/{corpus}/{wildcards.model}/calibration.arrow"
+
+
+def calibration_corpus(wildcards):
+    """The calibration corpus entry, with the sizes it needs from the corpus and its methods."""
+    samples = [
+        int(entry.get("calibration_samples", 64))
+        for entry in config["methods"].values()
+        if (entry.get("calibration") or {}).get("name") == wildcards.calibration
+    ]
+    sizes = {k: config["corpus"][k] for k in ("seq_len", "seed")}
+    return {**CALIBRATION[wildcards.calibration], **sizes, "n_examples": 0, "n_calibration": max(samples)}
 
 
 def quantized_nll_files(wildcards):

@@ -19,3 +19,25 @@ rule make_examples:
         code=CODE["corpus"],
     script:
         "../workflow_scripts/make_examples.py"
+
+
+rule make_calibration:
+    input:
+        model="results/models/{model}/fp",
+    output:
+        calibration="results/corpus/{calibration}/{model}/calibration.arrow",
+    log:
+        "logs/make_calibration/{calibration}/{model}.log",
+    benchmark:
+        "benchmarks/make_calibration/{calibration}/{model}.tsv"
+    conda:
+        "../envs/qbreak.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+    params:
+        corpus=calibration_corpus,
+        spec=model_spec,
+        code=CODE["corpus"],
+    script:
+        "../workflow_scripts/make_calibration.py"

@@ -72,6 +72,9 @@ def tiny_workflow_config(model_dir: Path) -> dict:
     config = yaml.safe_load((REPO / "tests" / "workflow" / "config.yaml").read_text())
     name = next(iter(config["models"]))
     config["models"][name] = {"path": str(model_dir), "start_token": "<|endoftext|>"}
+    for entry in config.get("methods", {}).values():
+        if "path" in entry.get("calibration", {}):
+            entry["calibration"]["path"] = str(REPO / entry["calibration"]["path"])
     return config
 
 

@@ -69,6 +69,11 @@ def test_quantized_models_and_errors(tiny_run: Path) -> None:
         nll_q = read_table(tiny_run / "results" / "nll" / "smollm2-135m" / f"{name}.arrow").column("nll").to_numpy()
         np.testing.assert_allclose(rows["nll_q"].to_numpy(), nll_q)
         np.testing.assert_allclose(rows["error"].to_numpy(), nll_q - fp.column("nll").to_numpy())
+    calibration = json.loads((tiny_run / "results/models/smollm2-135m/gptq-w3-g64/quant.json").read_text())["calibration"]
+    assert calibration["file"] == "results/corpus/tinycal/smollm2-135m/calibration.arrow"
+    tinycal = read_table(tiny_run / calibration["file"])
+    assert tinycal.num_rows == calibration["samples"] == 4
+    assert set(tinycal.column("doc_id").to_pylist()) <= {f"cal{i}" for i in range(6)}
     rtn3 = errors.filter(pc.equal(errors["method"], "rtn-w3-g64"))["error"].to_numpy()
     assert rtn3.mean() > 0.05  # 3-bit RTN hurts the real model
 
@@ -91,4 +96,5 @@ def test_editing_one_method_reruns_only_its_branch(tiny_run: Path) -> None:
     (tiny_run / "edited.yaml").write_text(yaml.safe_dump(config))
     proc = run_snakemake(tiny_run, "-n", "--cores", "2", configfile="edited.yaml")
     assert job_counts(proc.stdout) == {"all": 1, "collect_errors": 1, "compute_nll": 1, "quantize_model": 1}
+    assert "method=gptq-w3-g64" not in proc.stdout
     assert "nf4-g64" in proc.stdout and "wildcards: model=smollm2-135m, method=rtn-w3-g64" not in proc.stdout

@@ -45,17 +45,16 @@ def fetch_model_job(name: str, spec: Mapping[str, Any], output: str) -> None:
     fetch_model(name, spec, output)
 
 
-def make_examples_job(
-    corpus: Mapping[str, Any], model_spec: Mapping[str, Any], model_key: str, model_dir: str,
-    examples: str, calibration: str,
-) -> None:
-    """Tokenize the corpus with the model's tokenizer and write the evaluation and calibration splits."""
+def _tokenize_corpus(
+    corpus: Mapping[str, Any], model_spec: Mapping[str, Any], model_key: str, model_dir: str
+) -> tuple[pa.Table, pa.Table, dict[str, str]]:
+    """(evaluation, calibration, metadata) of a corpus entry, tokenized with the model's tokenizer."""
     from qbreak.corpus import build_examples, iter_documents, resolve_start_token
     from qbreak.models import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir, bool(model_spec.get("trust_remote_code", False)))
     start_id = resolve_start_token(tokenizer, model_spec.get("start_token", "bos"), f"{model_key}.start_token")
-    evaluation, calib = build_examples(
+    evaluation, calibration = build_examples(
         iter_documents(corpus),
         tokenizer,
         seq_len=int(corpus["seq_len"]),
@@ -71,7 +70,24 @@ def make_examples_job(
         "seed": str(corpus["seed"]),
         "start_token_id": str(start_id),
     }
+    return evaluation, calibration, meta
+
+
+def make_examples_job(
+    corpus: Mapping[str, Any], model_spec: Mapping[str, Any], model_key: str, model_dir: str,
+    examples: str, calibration: str,
+) -> None:
+    """Tokenize the corpus with the model's tokenizer and write the evaluation and calibration splits."""
+    evaluation, calib, meta = _tokenize_corpus(corpus, model_spec, model_key, model_dir)
     write_table(evaluation, examples, EXAMPLES_SCHEMA, {**meta, "split": "evaluation"})
+    write_table(calib, calibration, EXAMPLES_SCHEMA, {**meta, "split": "calibration"})
+
+
+def make_calibration_job(
+    corpus: Mapping[str, Any], model_spec: Mapping[str, Any], model_key: str, model_dir: str, calibration: str
+) -> None:
+    """Tokenize a method's own calibration corpus (n_examples = 0) and write its calibration split."""
+    _, calib, meta = _tokenize_corpus(corpus, model_spec, model_key, model_dir)
     write_table(calib, calibration, EXAMPLES_SCHEMA, {**meta, "split": "calibration"})
 
 
