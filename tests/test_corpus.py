@@ -44,6 +44,12 @@ def test_examples_are_seq_len_with_start_token_and_disjoint(bundled_tokenizer) -
     assert bundled_tokenizer(first["text"], add_special_tokens=False)["input_ids"] == first["input_ids"][1:]
 
 
+def test_calibration_only_corpus(bundled_tokenizer) -> None:
+    evaluation, calibration = build_examples(iter(docs(8)), bundled_tokenizer, 16, 0, 5, seed=0, start_token_id=0)
+    assert evaluation.num_rows == 0 and evaluation.schema.equals(calibration.schema)
+    assert calibration.num_rows == 5 and all(calibration.column("text").to_pylist())
+
+
 def test_examples_are_seeded(bundled_tokenizer) -> None:
     def draw(seed: int) -> pa.Table:
         return build_examples(iter(docs(50)), bundled_tokenizer, 16, 10, 5, seed=seed, start_token_id=0)[0]

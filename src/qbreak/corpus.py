@@ -194,6 +194,9 @@ def build_examples(
 
     def table(indices: np.ndarray) -> pa.Table:
         rows = [eligible[i] for i in indices]
+        token_ids = [ids for _, ids in rows]
+        # batch_decode([]) returns [""], not []: a calibration-only corpus has no evaluation rows.
+        texts = tokenizer.batch_decode(token_ids, clean_up_tokenization_spaces=False) if rows else []
         return pa.table(
             {
                 "example_id": np.arange(len(rows), dtype=np.int32),
@@ -201,7 +204,7 @@ def build_examples(
                 "topic": [d.topic for d, _ in rows],
                 "input_ids": [prefix + ids for _, ids in rows],
                 "n_tokens": np.full(len(rows), seq_len, dtype=np.int32),
-                "text": tokenizer.batch_decode([ids for _, ids in rows], clean_up_tokenization_spaces=False),
+                "text": texts,
             },
             schema=EXAMPLES_SCHEMA,
         )

@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from qbreak.errors import QbreakError
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401 (pa.compute)
+import pyarrow.compute as pc
 
+from qbreak.errors import QbreakError
 from qbreak.io import ERRORS_SCHEMA, EXAMPLES_SCHEMA, NLL_SCHEMA, read_table, write_table
 from qbreak.runtime import configure
 
@@ -133,5 +133,5 @@ def errors_job(fp: str, nll: Mapping[str, str], methods: Mapping[str, Mapping[st
     table = error_table(read_table(fp, NLL_SCHEMA), quantized, described)
     write_table(table, output, ERRORS_SCHEMA)
     for name in quantized:
-        errors = table.filter(pa.compute.equal(table["method"], name))
-        log.info("%s: mean error %.4f nats", name, pa.compute.mean(errors["error"]).as_py())
+        errors = table.filter(pc.equal(table["method"], name))
+        log.info("%s: mean error %.4f nats", name, pc.mean(errors["error"]).as_py())

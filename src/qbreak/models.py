@@ -11,7 +11,6 @@ Weights are only ever read from safetensors (never unpickled).
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -26,6 +25,7 @@ import torch
 from qbreak import __version__
 from qbreak.errors import QbreakError
 from qbreak.io import atomic_path
+from qbreak.provenance import package_version
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,8 @@ def _link_files(files: list[Path], dest: Path) -> None:
 
 
 def _write_provenance(dest: Path, info: Mapping[str, Any]) -> None:
-    record = {"qbreak_version": __version__, "transformers": _version("transformers"), **info}
+    record = {"qbreak_version": __version__, "transformers": package_version("transformers"), **info}
     (dest / PROVENANCE_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
-def _version(distribution: str) -> str:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
 
 
 def fetch_model(name: str, spec: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> Path:
@@ -171,7 +164,7 @@ def _fetch_bundled(name: str, bundled: str, dest: Path) -> dict[str, Any]:
     return {
         "source": "bundled",
         "bundled": bundled,
-        "package": f"{entry['distribution']}=={_version(entry['distribution'])}",
+        "package": f"{entry['distribution']}=={package_version(entry['distribution'])}",
         "gguf_file": gguf,
         "note": entry["note"],
     }

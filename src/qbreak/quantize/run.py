@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import logging
 import resource
@@ -20,6 +19,7 @@ from qbreak import __version__
 from qbreak.errors import QbreakError
 from qbreak.io import EXAMPLES_SCHEMA, atomic_path, read_table
 from qbreak.models import load_model
+from qbreak.provenance import package_version
 from qbreak.quantize import METHODS, MethodConfig, check_method
 
 log = logging.getLogger(__name__)
@@ -40,13 +40,7 @@ def calibration_tensor(path: str | Path, config: MethodConfig) -> torch.Tensor:
 
 
 def _versions() -> dict[str, str]:
-    out = {"qbreak": __version__}
-    for name in LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+    return {"qbreak": __version__, **{name: package_version(name) for name in LIBRARIES}}
 
 
 def quantize_model(
