@@ -90,7 +90,12 @@ def calibration_corpus(wildcards):
         if (entry.get("calibration") or {}).get("name") == wildcards.calibration
     ]
     sizes = {k: config["corpus"][k] for k in ("seq_len", "seed")}
-    return {**CALIBRATION[wildcards.calibration], **sizes, "n_examples": 0, "n_calibration": max(samples)}
+    return {
+        **CALIBRATION[wildcards.calibration],
+        **sizes,
+        "n_examples": 0,
+        "n_calibration": max(samples),
+    }
 
 
 def quantized_nll_files(wildcards):

@@ -4,12 +4,12 @@ rule quantize_model:
         calibration=calibration_file,
     output:
         directory("results/models/{model}/{method}"),
-    wildcard_constraints:
-        method=_alternatives(QUANTIZED),
     log:
         "logs/quantize_model/{model}/{method}.log",
     benchmark:
         "benchmarks/quantize_model/{model}/{method}.tsv"
+    wildcard_constraints:
+        method=_alternatives(QUANTIZED),
     conda:
         "../envs/qbreak.yaml"
     # Scaled down to --cores: a quantization job uses every core, never sharing them.
