@@ -8,7 +8,7 @@ Only the Linear layers of the decoder blocks are quantized; embeddings and lm_he
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -70,6 +70,15 @@ def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
         for name, module in layers.named_modules()
         if isinstance(module, torch.nn.Linear)
     }
+
+
+@torch.inference_mode()
+def replace_decoder_weights(model: torch.nn.Module, quantize: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Set every decoder Linear weight to quantize(weight) (dense, same shape); return how many."""
+    linears = decoder_linears(model)
+    for linear in linears.values():
+        linear.weight.data = quantize(linear.weight.data)
+    return len(linears)
 
 
 def check_method(config: MethodConfig, quantizer: Quantizer, model: torch.nn.Module) -> None:

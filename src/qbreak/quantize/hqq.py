@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from qbreak.quantize.base import MethodConfig, decoder_linears
+from qbreak.quantize.base import MethodConfig, replace_decoder_weights
 
 
 class HQQ:
@@ -19,19 +19,17 @@ class HQQ:
     def quantize(self, model: torch.nn.Module, calibration: torch.Tensor | None, config: MethodConfig) -> dict[str, Any]:
         from hqq.core.quantize import Quantizer as HQQQuantizer
 
-        linears = decoder_linears(model)
-        with torch.inference_mode():
-            for linear in linears.values():
-                weight = linear.weight.data
-                w_q, meta = HQQQuantizer.quantize(
-                    weight.float(),
-                    nbits=config.bits,
-                    group_size=config.group_size,
-                    optimize=bool(config.options.get("optimize", True)),
-                    axis=1,  # groups along the input dimension, like every other method here
-                    bitpack=False,
-                    compute_dtype=torch.float32,
-                    device=str(weight.device),
-                )
-                linear.weight.data = HQQQuantizer.dequantize(w_q, meta).reshape(weight.shape).to(weight.dtype)
-        return {"layers_quantized": len(linears)}
+        def dequantized(weight: torch.Tensor) -> torch.Tensor:
+            w_q, meta = HQQQuantizer.quantize(
+                weight.float(),
+                nbits=config.bits,
+                group_size=config.group_size,
+                optimize=bool(config.options.get("optimize", True)),
+                axis=1,  # groups along the input dimension, like every other method here
+                bitpack=False,
+                compute_dtype=torch.float32,
+                device=str(weight.device),
+            )
+            return HQQQuantizer.dequantize(w_q, meta).reshape(weight.shape).to(weight.dtype)
+
+        return {"layers_quantized": replace_decoder_weights(model, dequantized)}

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from qbreak.quantize.base import MethodConfig, decoder_linears, grouped
+from qbreak.quantize.base import MethodConfig, grouped, replace_decoder_weights
 
 # QLoRA's offset: the outermost quantile used, so that the codebook's extremes are ±1 after scaling.
 NF_OFFSET = 0.9677083
@@ -48,7 +48,5 @@ class NormalFloat:
     family: ClassVar[str] = "nf"
 
     def quantize(self, model: torch.nn.Module, calibration: torch.Tensor | None, config: MethodConfig) -> dict[str, Any]:
-        linears = decoder_linears(model)
-        for linear in linears.values():
-            linear.weight.data = nf_quantize_tensor(linear.weight.data, config.bits, config.group_size)
-        return {"layers_quantized": len(linears), "codebook": normal_float_codebook(config.bits).tolist()}
+        n = replace_decoder_weights(model, lambda w: nf_quantize_tensor(w, config.bits, config.group_size))
+        return {"layers_quantized": n, "codebook": normal_float_codebook(config.bits).tolist()}

@@ -4,7 +4,8 @@ llm-compressor attaches weight_scale / weight_zero_point to every quantized Line
 in forward. qbreak keeps what that model computes as plain dense weights: each quantized Linear's
 weight goes through compressed_tensors' `fake_quantize` (idempotent for GPTQ, which already writes
 grid values), every other tensor that changed (AWQ rescales RMSNorm weights) is carried over, and
-the result is loaded into a fresh copy of the original model class without any hooks.
+the result is loaded into the original model, which calibration never touched (it ran on a deep
+copy), so no hooks or extra parameters remain.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from qbreak.quantize.base import MethodConfig, decoder_linears, grouped
+from qbreak.quantize.base import MethodConfig, grouped, replace_decoder_weights
 
 
 @torch.inference_mode()
@@ -35,7 +35,7 @@ class RTN:
     family: ClassVar[str] = "rtn"
 
     def quantize(self, model: torch.nn.Module, calibration: torch.Tensor | None, config: MethodConfig) -> dict[str, Any]:
-        linears = decoder_linears(model)
-        for linear in linears.values():
-            linear.weight.data = rtn_quantize_tensor(linear.weight.data, config.bits, config.group_size, config.symmetric)
-        return {"layers_quantized": len(linears)}
+        n = replace_decoder_weights(
+            model, lambda w: rtn_quantize_tensor(w, config.bits, config.group_size, config.symmetric)
+        )
+        return {"layers_quantized": n}
