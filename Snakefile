@@ -14,6 +14,9 @@ include: "rules/corpus.smk"
 include: "rules/quantize.smk"
 include: "rules/nll.smk"
 include: "rules/errors.smk"
+include: "rules/analysis.smk"
+include: "rules/residuals.smk"
+include: "rules/patching.smk"
 
 
 rule all:

@@ -4,6 +4,7 @@ import re
 from snakemake.utils import validate
 
 from qbreak.config import check_config, load_schema
+from qbreak.models import BUNDLED_MODELS
 from qbreak.provenance import source_hash
 
 # One clear line naming the bad key first, then Snakemake's validation fills in the defaults.
@@ -14,16 +15,31 @@ MODELS = list(config["models"])
 CORPUS = config["corpus"]["name"]
 QUANTIZED = list(config.get("methods") or {})
 METHODS = ["fp", *QUANTIZED]
+PATCHED = list(config["patching"]["methods"])
 # Calibration corpora other than the main corpus (methods.<name>.calibration), by name.
 CALIBRATION = {
     entry["calibration"]["name"]: entry["calibration"]
     for entry in (config.get("methods") or {}).values()
     if entry.get("calibration")
 }
+for _method in PATCHED:
+    if _method not in QUANTIZED:
+        raise ValueError(
+            f"config key patching.methods: '{_method}' is not a configured method {QUANTIZED}"
+        )
 if CORPUS in CALIBRATION:
     raise ValueError(
         f"config key methods.*.calibration.name: '{CORPUS}' is the main corpus's name; choose another"
     )
+
+
+RESIDUAL_FIGURES = [
+    "residual_norms",
+    "norm_error_correlation",
+    "logit_lens",
+    "amplification",
+    "restore_layers",
+]
 
 
 def _alternatives(names):
@@ -39,24 +55,69 @@ wildcard_constraints:
 
 # Snakemake cannot see inside the installed qbreak package: a hash of each stage's modules goes
 # into that stage's params, so editing a stage's code reruns exactly that stage.
+JOBS = ("jobs:run_job", "jobs:_runtime")
+MODEL_PASS = (
+    "passes",
+    "nll",
+    "hooks",
+    "models",
+    "io",
+    "runtime",
+    *JOBS,
+    "jobs:_log_speed",
+)
+QUANTIZERS = [
+    f"quantize.{m}"
+    for m in ("base", "rtn", "nf", "hqq", "gptq", "awq", "oneshot", "run")
+]
 CODE = {
-    "models": source_hash("models", "io", "jobs"),
-    "corpus": source_hash("corpus", "models", "io", "jobs"),
-    "nll": source_hash("nll", "passes", "models", "io", "runtime", "jobs"),
-    "quantize": source_hash(
-        "quantize.base",
-        "quantize.rtn",
-        "quantize.nf",
-        "quantize.hqq",
-        "quantize.gptq",
-        "quantize.awq",
-        "quantize.oneshot",
-        "quantize.run",
+    "models": source_hash("models", "io", *JOBS, "jobs:fetch_model_job"),
+    "corpus": source_hash(
+        "corpus",
         "models",
         "io",
-        "jobs",
+        *JOBS,
+        "jobs:_tokenize_corpus",
+        "jobs:make_examples_job",
+        "jobs:make_calibration_job",
     ),
-    "errors": source_hash("errors_table", "io", "jobs"),
+    "quantize": source_hash(*QUANTIZERS, "models", "io", *JOBS, "jobs:quantize_job"),
+    "fp_pass": source_hash(*MODEL_PASS, "residuals", "jobs:fp_pass_job"),
+    "compare": source_hash(*MODEL_PASS, "kl", "residuals", "jobs:compare_job"),
+    "topk": source_hash(*MODEL_PASS, "kl", "jobs:fp_topk_job"),
+    "errors": source_hash("errors_table", "io", *JOBS, "jobs:errors_job"),
+    "analysis": source_hash(
+        "correlate", "selection", "breaking", "io", *JOBS, "jobs:analyze_errors_job"
+    ),
+    "plots": source_hash("plots", "correlate", "io", *JOBS, "jobs:plot_errors_job"),
+    "lens": source_hash(
+        *MODEL_PASS, "lens", "jobs:lens_job", "jobs:_selected_examples"
+    ),
+    "restore": source_hash(
+        *MODEL_PASS, "lens", "jobs:restore_job", "jobs:_selected_examples"
+    ),
+    "residual_analysis": source_hash(
+        "residual_analysis", "correlate", "io", *JOBS, "jobs:analyze_residuals_job"
+    ),
+    "patching": source_hash(
+        *MODEL_PASS, "patching", "jobs:patch_job", "jobs:_selected_examples"
+    ),
+    "patching_summary": source_hash(
+        "patching",
+        "residual_plots",
+        "plots",
+        "io",
+        *JOBS,
+        "jobs:summarize_patching_job",
+    ),
+    "residual_plots": source_hash(
+        "residual_plots",
+        "residual_analysis",
+        "correlate",
+        "io",
+        *JOBS,
+        "jobs:plot_residuals_job",
+    ),
 }
 
 
@@ -74,6 +135,10 @@ def model_dir(wildcards):
 
 def method_entry(wildcards):
     return config["methods"][wildcards.method]
+
+
+def method_kind(wildcards):
+    return config["methods"][wildcards.method]["kind"]
 
 
 def calibration_file(wildcards):
@@ -102,6 +167,34 @@ def quantized_nll_files(wildcards):
     return [f"results/nll/{wildcards.model}/{method}.arrow" for method in QUANTIZED]
 
 
+def quantized_kl_files(wildcards):
+    return [f"results/kl/{wildcards.model}/{method}.arrow" for method in QUANTIZED]
+
+
+def residual_analysis_inputs(wildcards):
+    m = wildcards.model
+    return {
+        "errors": f"results/errors/{m}.arrow",
+        "selection": f"results/analysis/{m}/selection.arrow",
+        "residuals_fp": f"results/residuals/{m}/fp.arrow",
+        "dims": f"results/residuals/{m}/fp_dims.arrow",
+        "amplification": [f"results/amplification/{m}/{q}.arrow" for q in QUANTIZED],
+        "lens": [f"results/lens/{m}/{method}.arrow" for method in METHODS],
+        "restore": [f"results/restore/{m}/{q}.arrow" for q in QUANTIZED],
+        "nll": [f"results/nll/{m}/{method}.arrow" for method in METHODS],
+    }
+
+
+def patching_files(wildcards):
+    return [f"results/patching/{wildcards.model}/{method}.arrow" for method in PATCHED]
+
+
+def model_note(wildcards):
+    """The caveat a bundled model's numbers carry (None for other models)."""
+    bundled = config["models"][wildcards.model].get("bundled")
+    return BUNDLED_MODELS[bundled]["caveat"] if bundled else None
+
+
 def examples_file(wildcards):
     return f"results/corpus/{CORPUS}/{wildcards.model}/examples.arrow"
 
@@ -109,5 +202,17 @@ def examples_file(wildcards):
 def get_final_output():
     outputs = expand("results/nll/{model}/fp.arrow", model=MODELS)
     if QUANTIZED:
-        outputs += expand("results/errors/{model}.arrow", model=MODELS)
+        outputs += expand(
+            [
+                "results/errors/{model}.arrow",
+                "results/analysis/{model}/breaking_examples.md",
+                "results/figures/{model}/error_correlations.png",
+                "results/figures/{model}/residual_norms.png",
+            ],
+            model=MODELS,
+        )
+    if PATCHED:
+        outputs += expand("results/analysis/{model}/patching_table.md", model=MODELS)
+    if config["kl"]["store_fp_topk"]:
+        outputs += expand("results/kl/{model}/fp_topk.arrow", model=MODELS)
     return outputs

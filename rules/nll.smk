@@ -1,13 +1,20 @@
-rule compute_nll:
+# The model passes over the evaluation examples: one FP pass, and one side-by-side FP + quantized
+# pass per method. Each pass yields every per-example statistic at once (NLL, KL, residual
+# statistics, MLP error amplification) instead of re-running the model per statistic.
+
+
+rule score_fp:
     input:
-        model=model_dir,
+        model="results/models/{model}/fp",
         examples=examples_file,
     output:
-        "results/nll/{model}/{method}.arrow",
+        nll="results/nll/{model}/fp.arrow",
+        residuals="results/residuals/{model}/fp.arrow",
+        dims="results/residuals/{model}/fp_dims.arrow",
     log:
-        "logs/compute_nll/{model}/{method}.log",
+        "logs/score_fp/{model}.log",
     benchmark:
-        "benchmarks/compute_nll/{model}/{method}.tsv"
+        "benchmarks/score_fp/{model}.tsv"
     conda:
         "../envs/qbreak.yaml"
     # Scaled down to --cores; one model pass at a time uses every core without oversubscribing.
@@ -17,6 +24,60 @@ rule compute_nll:
     params:
         runtime=config["runtime"],
         trust_remote_code=trust_remote_code,
-        code=CODE["nll"],
+        code=CODE["fp_pass"],
     script:
-        "../workflow_scripts/compute_nll.py"
+        "../workflow_scripts/score_fp.py"
+
+
+rule compare_to_fp:
+    input:
+        fp="results/models/{model}/fp",
+        model=model_dir,
+        examples=examples_file,
+    output:
+        nll="results/nll/{model}/{method}.arrow",
+        kl="results/kl/{model}/{method}.arrow",
+        residuals="results/residuals/{model}/{method}.arrow",
+        amplification="results/amplification/{model}/{method}.arrow",
+    log:
+        "logs/compare_to_fp/{model}/{method}.log",
+    benchmark:
+        "benchmarks/compare_to_fp/{model}/{method}.tsv"
+    wildcard_constraints:
+        method=_alternatives(QUANTIZED) or "(?!)",
+    conda:
+        "../envs/qbreak.yaml"
+    threads: 8
+    resources:
+        mem_mb=8000,
+    params:
+        runtime=config["runtime"],
+        topk=config["kl"]["topk"],
+        trust_remote_code=trust_remote_code,
+        code=CODE["compare"],
+    script:
+        "../workflow_scripts/compare_to_fp.py"
+
+
+rule store_fp_topk:
+    input:
+        model="results/models/{model}/fp",
+        examples=examples_file,
+    output:
+        "results/kl/{model}/fp_topk.arrow",
+    log:
+        "logs/store_fp_topk/{model}.log",
+    benchmark:
+        "benchmarks/store_fp_topk/{model}.tsv"
+    conda:
+        "../envs/qbreak.yaml"
+    threads: 8
+    resources:
+        mem_mb=4000,
+    params:
+        runtime=config["runtime"],
+        topk=config["kl"]["topk"],
+        trust_remote_code=trust_remote_code,
+        code=CODE["topk"],
+    script:
+        "../workflow_scripts/store_fp_topk.py"

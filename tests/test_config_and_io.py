@@ -55,7 +55,8 @@ def test_snakemake_refuses_a_config_typo_naming_the_key(tmp_path: Path) -> None:
 def test_paper_config_builds_its_dag(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text((REPO / "config" / "paper.yaml").read_text())
     proc = run_snakemake(tmp_path, "-n", "--cores", "1")
-    assert "fetch_model" in proc.stdout and "compute_nll" in proc.stdout
+    for rule in ("fetch_model", "score_fp", "compare_to_fp", "analyze_errors", "analyze_residuals", "patch_activations"):
+        assert rule in proc.stdout, rule
 
 
 def nll_table() -> pa.Table:
@@ -93,3 +94,20 @@ def test_corrupt_or_missing_arrow_is_one_line_error(tmp_path: Path) -> None:
     write_table(nll_table().drop_columns(["nll"]), tmp_path / "narrow.arrow")
     with pytest.raises(QbreakError, match=r"narrow\.arrow: missing columns \['nll'\]"):
         read_table(tmp_path / "narrow.arrow", NLL_SCHEMA)
+
+
+def test_source_hash_of_one_function_ignores_the_rest_of_its_module(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from qbreak import provenance
+
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "jobs.py").write_text("def a():\n    return 1\n\n\ndef b():\n    return 2\n")
+    monkeypatch.setattr(provenance, "PACKAGE_DIR", package)
+    whole, only_a = provenance.source_hash("jobs"), provenance.source_hash("jobs:a")
+    (package / "jobs.py").write_text("def a():\n    return 1\n\n\ndef b():\n    return 3\n")
+    assert provenance.source_hash("jobs:a") == only_a
+    assert provenance.source_hash("jobs") != whole
+    (package / "jobs.py").write_text("def a():\n    return 4\n\n\ndef b():\n    return 3\n")
+    assert provenance.source_hash("jobs:a") != only_a
+    with pytest.raises(FileNotFoundError, match="defines no top-level 'c'"):
+        provenance.source_hash("jobs:c")

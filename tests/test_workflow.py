@@ -11,7 +11,28 @@ import pytest
 import yaml
 
 from qbreak import __version__
-from qbreak.io import ERRORS_SCHEMA, EXAMPLES_SCHEMA, NLL_SCHEMA, read_table, table_metadata
+from qbreak.io import (
+    CORRELATION_SUMMARY_SCHEMA,
+    CORRELATIONS_SCHEMA,
+    ERRORS_SCHEMA,
+    EXAMPLES_SCHEMA,
+    KL_SCHEMA,
+    NLL_SCHEMA,
+    OVERLAP_SCHEMA,
+    SELECTION_SCHEMA,
+    RESIDUALS_SCHEMA,
+    AMPLIFICATION_SCHEMA,
+    NORM_CORR_SCHEMA,
+    AMPLIFICATION_SUMMARY_SCHEMA,
+    GAMMA_OUTLIERS_SCHEMA,
+    LENS_SUMMARY_SCHEMA,
+    RESTORE_SUMMARY_SCHEMA,
+    PREDICTOR_SCHEMA,
+    PATCHING_SCHEMA,
+    PATCH_SUMMARY_SCHEMA,
+    read_table,
+    table_metadata,
+)
 from tests.conftest import run_snakemake, tiny_workflow_config
 
 pytestmark = pytest.mark.slow
@@ -46,7 +67,7 @@ def test_fp_nll_table(tiny_run: Path) -> None:
     assert values.std() > 0.05  # examples differ
     assert set(nll.column("method").to_pylist()) == {"fp"}
     assert nll.column("n_scored").to_pylist() == [31] * nll.num_rows
-    for name in ("fetch_model", "make_examples", "compute_nll"):
+    for name in ("fetch_model", "make_examples", "score_fp", "compare_to_fp"):
         assert list((tiny_run / "benchmarks" / name).rglob("*.tsv")), name
         assert list((tiny_run / "logs" / name).rglob("*.log")), name
 
@@ -95,6 +116,135 @@ def test_editing_one_method_reruns_only_its_branch(tiny_run: Path) -> None:
     config["methods"]["nf4-g64"]["group_size"] = 32
     (tiny_run / "edited.yaml").write_text(yaml.safe_dump(config))
     proc = run_snakemake(tiny_run, "-n", "--cores", "2", configfile="edited.yaml")
-    assert job_counts(proc.stdout) == {"all": 1, "collect_errors": 1, "compute_nll": 1, "quantize_model": 1}
-    assert "method=gptq-w3-g64" not in proc.stdout
-    assert "nf4-g64" in proc.stdout and "wildcards: model=smollm2-135m, method=rtn-w3-g64" not in proc.stdout
+    assert job_counts(proc.stdout) == {
+        "all": 1,
+        "quantize_model": 1,
+        "compare_to_fp": 1,
+        "collect_errors": 1,
+        "analyze_errors": 1,
+        "plot_errors": 1,
+        # D_large / D_ctrl may change with one method's errors: the subset passes of every method rerun
+        "logit_lens": 4,
+        "restore_layers": 3,
+        "analyze_residuals": 1,
+        "plot_residuals": 1,
+        "patch_activations": 1,
+        "summarize_patching": 1,
+    }
+    outputs = [line for line in proc.stdout.splitlines() if line.strip().startswith("output:")]
+    for other in ("gptq-w3-g64", "rtn-w3-g64"):
+        assert not [line for line in outputs if f"models/smollm2-135m/{other}" in line or f"kl/smollm2-135m/{other}" in line]
+    assert [line for line in outputs if "kl/smollm2-135m/nf4-g64.arrow" in line]
+
+
+def test_kl_tables(tiny_run: Path) -> None:
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    for name in config["methods"]:
+        kl = read_table(tiny_run / "results" / "kl" / "smollm2-135m" / f"{name}.arrow")
+        assert kl.schema.equals(KL_SCHEMA, check_metadata=False)
+        assert kl.num_rows == config["corpus"]["n_examples"]
+        exact, topk = kl.column("kl_fp_q").to_numpy(), kl.column("kl_fp_q_topk").to_numpy()
+        assert (exact > 0).all() and (kl.column("kl_q_fp").to_numpy() > 0).all()
+        assert (topk <= exact * (1 + 1e-4) + 1e-7).all() and (topk > 0.5 * exact).all()
+
+
+def test_error_analysis_outputs(tiny_run: Path) -> None:
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    methods, n = list(config["methods"]), config["corpus"]["n_examples"]
+    folder = tiny_run / "results" / "analysis" / "smollm2-135m"
+    corr = read_table(folder / "correlations.arrow")
+    assert corr.schema.equals(CORRELATIONS_SCHEMA, check_metadata=False)
+    measures = corr.column("measure").to_pylist()
+    pairs = len(methods) * (len(methods) - 1) // 2
+    assert (measures.count("error"), measures.count("kl_vs_error")) == (pairs, len(methods))
+    assert set(corr.column("n").to_pylist()) == {n}
+    lo, r, hi = (corr.column(c).to_numpy() for c in ("pearson_lo", "pearson", "pearson_hi"))
+    assert (lo <= r + 1e-12).all() and (r <= hi + 1e-12).all()
+    summary = read_table(folder / "correlation_summary.arrow")
+    assert summary.schema.equals(CORRELATION_SUMMARY_SCHEMA, check_metadata=False)
+    assert "cross_family" in summary.column("group").to_pylist()
+    overlap = read_table(folder / "overlap.arrow")
+    assert overlap.schema.equals(OVERLAP_SCHEMA, check_metadata=False) and overlap.num_rows == pairs
+    selection = read_table(folder / "selection.arrow")
+    assert selection.schema.equals(SELECTION_SCHEMA, check_metadata=False) and selection.num_rows == n
+    sets = selection.column("set").to_pylist()
+    assert 1 <= sets.count("large") == sets.count("ctrl")
+    errors = read_table(tiny_run / "results" / "errors" / "smollm2-135m.arrow")
+    worst = max(range(n), key=lambda i: selection.column("mean_error")[i].as_py())
+    assert selection.column("rank")[worst].as_py() == 1
+    assert pc.max(errors["error"]).as_py() >= selection.column("mean_error")[worst].as_py()
+    markdown = (folder / "breaking_examples.md").read_text()
+    examples = read_table(tiny_run / "results" / "corpus" / "wikipedia-vital" / "smollm2-135m" / "examples.arrow")
+    worst_text = examples.column("text")[examples.column("example_id").to_pylist().index(
+        selection.column("example_id")[worst].as_py())].as_py()
+    assert " ".join(worst_text.split())[:30] in markdown
+    for name in ("error_correlations", "error_scatter", "error_distributions"):
+        for ext in ("png", "svg"):
+            assert (tiny_run / "results" / "figures" / "smollm2-135m" / f"{name}.{ext}").stat().st_size > 1000
+
+
+def test_residual_outputs(tiny_run: Path) -> None:
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    methods, n = list(config["methods"]), config["corpus"]["n_examples"]
+    results = tiny_run / "results"
+    n_layers = 30
+    for method in ["fp", *methods]:
+        residuals = read_table(results / "residuals" / "smollm2-135m" / f"{method}.arrow")
+        assert residuals.schema.equals(RESIDUALS_SCHEMA, check_metadata=False)
+        assert residuals.num_rows == n * n_layers * 3
+        assert (residuals.column("norm").to_numpy() > 0).all() and (residuals.column("kurtosis").to_numpy() > 1).all()
+    for method in methods:
+        amp = read_table(results / "amplification" / "smollm2-135m" / f"{method}.arrow")
+        assert amp.schema.equals(AMPLIFICATION_SCHEMA, check_metadata=False) and amp.num_rows == n * n_layers
+        assert (amp.column("mlp_mse").to_numpy() > 0).all()
+    folder = results / "analysis" / "smollm2-135m"
+    expected = {
+        "norm_error_corr": (NORM_CORR_SCHEMA, (len(methods) + 1) * n_layers * 2),
+        "amplification": (AMPLIFICATION_SUMMARY_SCHEMA, len(methods) * n_layers),
+        "gamma_outliers": (GAMMA_OUTLIERS_SCHEMA, n_layers * 5),
+        "predictor": (PREDICTOR_SCHEMA, (len(methods) + 1) * 2),
+    }
+    for name, (schema, rows) in expected.items():
+        table = read_table(folder / f"{name}.arrow")
+        assert table.schema.equals(schema, check_metadata=False) and table.num_rows == rows, name
+    lens = read_table(folder / "logit_lens.arrow")
+    assert lens.schema.equals(LENS_SUMMARY_SCHEMA, check_metadata=False)
+    assert set(lens.column("method").to_pylist()) == {"fp", *methods}
+    assert set(lens.column("set").to_pylist()) == {"large", "ctrl"}
+    restore = read_table(folder / "restore_layers.arrow")
+    assert restore.schema.equals(RESTORE_SUMMARY_SCHEMA, check_metadata=False)
+    rows = restore.to_pylist()
+    assert {r["restored"] for r in rows} == {"none (fp)", "none (quantized)", "23-29"}
+    for method in methods:
+        ppl = {(r["set"], r["restored"]): r["perplexity"] for r in rows if r["method"] == method}
+        assert ppl[("large", "none (fp)")] < ppl[("large", "none (quantized)")]
+    for name in ("residual_norms", "norm_error_correlation", "logit_lens", "amplification", "restore_layers"):
+        assert (results / "figures" / "smollm2-135m" / f"{name}.png").stat().st_size > 1000
+
+
+def test_patching_outputs(tiny_run: Path) -> None:
+    results = tiny_run / "results"
+    patching = read_table(results / "patching" / "smollm2-135m" / "rtn-w3-g64.arrow")
+    assert patching.schema.equals(PATCHING_SCHEMA, check_metadata=False)
+    keys = set(zip(patching.column("site").to_pylist(), patching.column("layers").to_pylist(), strict=True))
+    sites = ("attn", "gate", "up", "down", "gate_input")
+    assert keys == {("none", "none"), ("gate_weights", "15-29"), ("resid", "15-29")} | {
+        (site, label) for site in sites for label in ("15-29", "28", "29")
+    }
+    selection = read_table(results / "analysis" / "smollm2-135m" / "selection.arrow").to_pylist()
+    subset = {r["example_id"] for r in selection if r["set"] in ("large", "ctrl")}
+    assert set(patching.column("example_id").to_pylist()) == subset
+    none = patching.filter(pc.equal(patching["site"], "none"))
+    nll = read_table(results / "nll" / "smollm2-135m" / "rtn-w3-g64.arrow").to_pylist()
+    by_id = {r["example_id"]: r["nll"] for r in nll}
+    for example_id, value in zip(none.column("example_id").to_pylist(), none.column("nll").to_pylist(), strict=True):
+        assert value == pytest.approx(by_id[example_id], abs=1e-4)  # patch nothing = the quantized model
+    summary = read_table(results / "analysis" / "smollm2-135m" / "patching_table.arrow")
+    assert summary.schema.equals(PATCH_SUMMARY_SCHEMA, check_metadata=False)
+    resid = [r for r in summary.to_pylist() if r["site"] == "resid" and r["set"] == "large"]
+    # the FP residual at every upper layer, the last included, is the FP model's output: the whole gap
+    assert resid and resid[0]["recovered"] == pytest.approx(1.0, abs=1e-3)
+    markdown = (results / "analysis" / "smollm2-135m" / "patching_table.md").read_text()
+    assert "| quantized |" in markdown and "| gate_input | 15-29 |" in markdown
+    for name in ("patching_sites", "patching_sweep"):
+        assert (results / "figures" / "smollm2-135m" / f"{name}.svg").stat().st_size > 1000

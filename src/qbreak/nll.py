@@ -7,7 +7,8 @@ logit are computed over chunks of positions, so memory traffic stays at one chun
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -50,25 +51,62 @@ def has_plain_lm_head(model: torch.nn.Module) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class ScoredPositions:
+    """The predicting positions of a right-padded batch, flattened over examples."""
+
+    mask: torch.Tensor  # [batch, pos-1] bool: position p predicts token p+1
+    targets: torch.Tensor  # [n] int64
+    rows: torch.Tensor  # [n] int64, the example (batch row) of each position
+
+    @classmethod
+    def of(cls, batch: Batch) -> ScoredPositions:
+        mask = batch.attention_mask[:, 1:].bool()
+        rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
+        return cls(mask=mask, targets=batch.input_ids[:, 1:][mask], rows=rows)
+
+    def per_example_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum of per-position `values` [n] for each example, float64 [batch]."""
+        sums = torch.zeros(self.mask.shape[0], dtype=torch.float64, device=values.device)
+        return sums.index_add_(0, self.rows, values.double())
+
+
+def logit_chunks(
+    model: torch.nn.Module,
+    batch: Batch,
+    hidden: torch.Tensor,
+    positions: ScoredPositions,
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(slice into the n scored positions, float32 logits [chunk, vocab]) chunk by chunk.
+
+    With a plain lm_head only one chunk of logits exists at a time; otherwise the model's own
+    logits are computed once for the batch (the fallback for transformed logits).
+    """
+    if has_plain_lm_head(model):
+        head = model.get_output_embeddings()
+        states = hidden[:, :-1][positions.mask]  # [n, d_model]
+        for start in range(0, states.shape[0], chunk_tokens):
+            part = slice(start, start + chunk_tokens)
+            yield part, torch.nn.functional.linear(states[part], head.weight, head.bias).float()
+        return
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
+    scored = logits[:, :-1][positions.mask]  # [n, vocab]
+    for start in range(0, scored.shape[0], chunk_tokens):
+        part = slice(start, start + chunk_tokens)
+        yield part, scored[part].float()
+
+
 def batch_nll(
     model: torch.nn.Module, batch: Batch, hidden: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL (float64 [batch]) and number of scored tokens ([batch]) of each example."""
-    scored = batch.attention_mask[:, 1:].bool()  # [batch, pos-1]: position p predicts token p+1
-    targets = batch.input_ids[:, 1:][scored]  # [n]
-    row = torch.arange(batch.input_ids.shape[0], device=scored.device)[:, None].expand_as(scored)[scored]
-    if has_plain_lm_head(model):
-        head = model.get_output_embeddings()
-        nll = token_nll(hidden[:, :-1][scored], head.weight, targets, head.bias, chunk_tokens)
-    else:
-        logits = model(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).logits.float()
-        logp = torch.log_softmax(logits[:, :-1][scored], dim=-1)
-        nll = -logp.gather(1, targets[:, None]).squeeze(1)
-    sums = torch.zeros(batch.input_ids.shape[0], dtype=torch.float64, device=nll.device)
-    sums.index_add_(0, row, nll.double())
-    return sums, scored.sum(dim=1)
+    positions = ScoredPositions.of(batch)
+    nll = torch.empty(positions.targets.shape[0], dtype=torch.float32, device=hidden.device)
+    for part, logits in logit_chunks(model, batch, hidden, positions, chunk_tokens):
+        target_logit = logits.gather(1, positions.targets[part, None]).squeeze(1)
+        nll[part] = torch.logsumexp(logits, dim=-1) - target_logit
+    return positions.per_example_sum(nll), positions.mask.sum(dim=1)
 
 
 class NLLStatistic:

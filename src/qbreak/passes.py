@@ -9,6 +9,7 @@ the model once per statistic.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -69,10 +70,99 @@ def final_hidden_state(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return out.last_hidden_state
 
 
+@dataclass(frozen=True)
+class ModelState:
+    """One model's view of a batch in a side-by-side pass."""
+
+    model: torch.nn.Module
+    hidden: torch.Tensor  # [batch, pos, d_model], final normed hidden state
+
+
+class PairStatistic(Protocol):
+    """A per-example statistic that compares the FP and a quantized model on the same batch."""
+
+    def update(self, batch: Batch, fp: ModelState, q: ModelState) -> None:
+        """Consume one batch, run through both models."""
+
+
+def _attached(model: torch.nn.Module, statistics: Sequence[Statistic], stack: contextlib.ExitStack) -> None:
+    """Enter the hook contexts of the statistics that observe the model from inside."""
+    for statistic in statistics:
+        attach = getattr(statistic, "attach", None)
+        if attach is not None:
+            stack.enter_context(attach(model))
+
+
+def _forward(model: torch.nn.Module, batch: Batch, statistics: Sequence[Statistic]) -> torch.Tensor:
+    for statistic in statistics:
+        begin = getattr(statistic, "begin", None)
+        if begin is not None:
+            begin(batch)
+    hidden = final_hidden_state(model, batch)
+    for statistic in statistics:
+        statistic.update(model, batch, hidden)
+    return hidden
+
+
+@torch.inference_mode()
+def run_pair_pass(
+    fp_model: torch.nn.Module,
+    q_model: torch.nn.Module,
+    batches: Iterator[Batch],
+    statistics: Sequence[PairStatistic],
+    fp_statistics: Sequence[Statistic] = (),
+    q_statistics: Sequence[Statistic] = (),
+) -> None:
+    """Run the FP and the quantized model side by side on each batch and feed every statistic.
+
+    Only one batch of either model's activations exists at a time, so comparisons that need both
+    full distributions (KL) never store logits for the corpus. `fp_statistics` / `q_statistics`
+    observe one of the two models, as in `run_pass`.
+    """
+    with contextlib.ExitStack() as stack:
+        _attached(fp_model, fp_statistics, stack)
+        _attached(q_model, q_statistics, stack)
+        for batch in batches:
+            fp = ModelState(fp_model, _forward(fp_model, batch, fp_statistics))
+            q = ModelState(q_model, _forward(q_model, batch, q_statistics))
+            for statistic in statistics:
+                statistic.update(batch, fp, q)
+
+
 @torch.inference_mode()
 def run_pass(model: torch.nn.Module, batches: Iterator[Batch], statistics: Sequence[Statistic]) -> None:
-    """Run `model` once per batch and feed every statistic."""
-    for batch in batches:
-        hidden = final_hidden_state(model, batch)
-        for statistic in statistics:
-            statistic.update(model, batch, hidden)
+    """Run `model` once per batch and feed every statistic.
+
+    A statistic may also define `attach(model)` (a context manager that registers its hooks for the
+    whole pass, see hooks.py) and `begin(batch)` (called before each forward).
+    """
+    with contextlib.ExitStack() as stack:
+        _attached(model, statistics, stack)
+        for batch in batches:
+            _forward(model, batch, statistics)
+
+
+class LayerRows:
+    """Per-example values of each layer (and site), gathered batch by batch into one long table."""
+
+    def __init__(self) -> None:
+        self._parts: list[dict[str, np.ndarray]] = []
+
+    def add(self, example_ids: np.ndarray, layer: int, values: dict[str, np.ndarray], site: str | None = None) -> None:
+        """Values [batch] of one layer (and site) for the examples `example_ids` [batch]."""
+        n = len(example_ids)
+        part = {"example_id": example_ids.astype(np.int32), "layer": np.full(n, layer, dtype=np.int32), **values}
+        if site is not None:
+            part["site"] = np.array([site] * n, dtype=object)
+        self._parts.append(part)
+
+    def table(self, model_name: str, method: str, schema: pa.Schema) -> pa.Table:
+        """The rows in `schema`; model and method are constant columns."""
+        if not self._parts:
+            return schema.empty_table()
+        n = sum(len(p["example_id"]) for p in self._parts)
+        columns: dict[str, object] = {"model": [model_name] * n, "method": [method] * n}
+        for field in schema:
+            if field.name not in columns:
+                columns[field.name] = np.concatenate([p[field.name] for p in self._parts])
+        return pa.table({field.name: columns[field.name] for field in schema}, schema=schema)

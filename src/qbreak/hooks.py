@@ -1,0 +1,110 @@
+"""Named hook points on Llama-style decoder layers (Llama, Qwen2, Mistral, SmolLM2).
+
+A decoder layer computes
+
+    r_attn  = x + attn(input_layernorm(x))               # site pre_norm  (= residual r^(l))
+    h       = post_attention_layernorm(r_attn)           # site post_norm (= MLP input, gate_input)
+    mlp(h)  = down(act(gate(h)) * up(h))                 # sites gate_proj, gate, up, down
+    out     = r_attn + mlp(h)                            # site block_out
+
+and `attn` is the attention output before its residual add. A hook function gets the activation
+at its site ([batch, pos, d]) and may return a replacement (patching) or None (observing).
+`hooks()` is a context manager: hooks are removed when it exits, also when the forward raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+from qbreak.errors import QbreakError
+
+HookFn = Callable[[torch.Tensor], torch.Tensor | None]
+
+# site -> (submodule of the decoder layer, "input" or "output" of that module); "" is the layer.
+SITES: dict[str, tuple[str, str]] = {
+    "attn": ("self_attn", "output"),
+    "pre_norm": ("post_attention_layernorm", "input"),
+    "post_norm": ("post_attention_layernorm", "output"),
+    "gate_input": ("mlp.gate_proj", "input"),
+    "gate_proj": ("mlp.gate_proj", "output"),
+    "gate": ("mlp.act_fn", "output"),
+    "up": ("mlp.up_proj", "output"),
+    "down": ("mlp.down_proj", "output"),
+    "block_in": ("", "input"),
+    "block_out": ("", "output"),
+}
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM (model.model.layers for Llama-style models)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise QbreakError(f"{type(model).__name__}: no decoder .layers; qbreak hooks support Llama-style decoders")
+    return layers
+
+
+def site_module(layer: torch.nn.Module, site: str) -> tuple[torch.nn.Module, str]:
+    """(module, 'input' | 'output') of a named site in one decoder layer."""
+    if site not in SITES:
+        raise QbreakError(f"unknown hook site '{site}': expected one of {sorted(SITES)}")
+    path, where = SITES[site]
+    module = layer
+    for part in filter(None, path.split(".")):
+        module = getattr(module, part, None)
+        if not isinstance(module, torch.nn.Module):
+            raise QbreakError(f"{type(layer).__name__} has no module '{path}' for hook site '{site}'")
+    return module, where
+
+
+def _replace_first(value: Any, replacement: torch.Tensor) -> Any:
+    if isinstance(value, tuple):
+        return (replacement, *value[1:])
+    return replacement
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _output_hook(fn: HookFn) -> Callable[..., Any]:
+    def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+        replacement = fn(_first_tensor(output))
+        return None if replacement is None else _replace_first(output, replacement)
+
+    return hook
+
+
+def _input_hook(fn: HookFn) -> Callable[..., Any]:
+    def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if args:
+            replacement = fn(args[0])
+            return None if replacement is None else ((replacement, *args[1:]), kwargs)
+        replacement = fn(kwargs["hidden_states"])
+        return None if replacement is None else (args, {**kwargs, "hidden_states": replacement})
+
+    return hook
+
+
+@contextlib.contextmanager
+def hooks(model: torch.nn.Module, fns: Mapping[tuple[int, str], HookFn]) -> Iterator[None]:
+    """Register `fns[(layer, site)]` on `model` for the duration of the context."""
+    layers = decoder_layers(model)
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for (layer, site), fn in fns.items():
+            if not 0 <= layer < len(layers):
+                raise QbreakError(f"hook layer {layer} out of range: the model has {len(layers)} layers")
+            module, where = site_module(layers[layer], site)
+            if where == "output":
+                handles.append(module.register_forward_hook(_output_hook(fn)))
+            else:
+                handles.append(module.register_forward_pre_hook(_input_hook(fn), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

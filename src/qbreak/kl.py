@@ -1,0 +1,267 @@
+"""Per-example KL divergence between the FP and a quantized model's next-token distributions.
+
+Both models run side by side on each batch (`passes.run_pair_pass`); the two distributions exist
+one chunk of positions at a time, never for the corpus. The same pass yields the quantized model's
+NLL, so a method costs one FP and one quantized forward in all.
+
+Besides the exact KL in both directions, the pass computes the top-k approximation that an FP
+reference of k log-probs per token allows (`fp_topk_reference`, `TopkReference`):
+
+    KL_k(P‖Q) = Σ_{i∈top-k(P)} p_i (log p_i − log q_i) + r_P log(r_P / r_Q),
+
+with r the probability mass outside P's top k. By the log-sum inequality KL_k ≤ KL (the tail is
+merged into one outcome); it is exact when the tail carries no mass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from qbreak.errors import QbreakError
+from qbreak.io import KL_SCHEMA, NLL_SCHEMA, TOPK_SCHEMA
+from qbreak.nll import DEFAULT_CHUNK_TOKENS, ScoredPositions, logit_chunks
+from qbreak.passes import Batch, ModelState, iter_batches, run_pair_pass, run_pass
+
+DEFAULT_TOPK = 32
+
+
+@torch.inference_mode()
+def topk_kl(top_logp_p: torch.Tensor, logp_q_at_top: torch.Tensor) -> torch.Tensor:
+    """KL_k(P‖Q) per position, float64 [n], from P's top-k log-probs [n, k] and Q's at those tokens."""
+    lp, lq = top_logp_p.double(), logp_q_at_top.double()
+    head = (lp.exp() * (lp - lq)).sum(dim=-1)
+    # 1 − Σ of k float32 probabilities is only known to ~k float32 epsilons: tails below that floor
+    # are rounding, not mass (else a rounded-away Q tail would blow r_P·log(r_P / r_Q) up).
+    floor = lp.shape[-1] * torch.finfo(torch.float32).eps
+    tail_p = (1.0 - lp.exp().sum(dim=-1)).clamp_min(floor)
+    tail_q = (1.0 - lq.exp().sum(dim=-1)).clamp_min(floor)
+    tail = tail_p * (tail_p.log() - tail_q.log())
+    return head + tail
+
+
+@torch.inference_mode()
+def token_divergences(
+    logits_fp: torch.Tensor, logits_q: torch.Tensor, targets: torch.Tensor, topk: int
+) -> dict[str, torch.Tensor]:
+    """NLL of Q, KL(P_fp‖P_q), KL(P_q‖P_fp) and the top-k KL(P_fp‖P_q) per position [n] (nats).
+
+    logits_* [n, vocab] float32, targets [n] int64. With z the logits and A = logsumexp(z),
+    KL(P‖Q) = Σ p·(z_p − z_q) − (A_p − A_q): two softmaxes, one difference and two batched dot
+    products over the vocabulary, the fewest passes over [n, vocab] memory. Rounding can put an
+    exact KL a hair below zero; it is clamped at 0 (KL ≥ 0).
+    """
+    lse_fp = torch.logsumexp(logits_fp, dim=-1)
+    lse_q = torch.logsumexp(logits_q, dim=-1)
+    diff = (logits_fp - logits_q).unsqueeze(-1)  # [n, vocab, 1]
+    shift = lse_fp - lse_q
+    forward = torch.bmm(torch.softmax(logits_fp, dim=-1).unsqueeze(1), diff).view(-1) - shift
+    backward = shift - torch.bmm(torch.softmax(logits_q, dim=-1).unsqueeze(1), diff).view(-1)
+    top, index = logits_fp.topk(min(topk, logits_fp.shape[-1]), dim=-1)
+    return {
+        "nll_q": lse_q - logits_q.gather(1, targets[:, None]).squeeze(1),
+        "kl_fp_q": forward.clamp_min(0.0),
+        "kl_q_fp": backward.clamp_min(0.0),
+        "kl_fp_q_topk": topk_kl(top - lse_fp[:, None], logits_q.gather(1, index) - lse_q[:, None]),
+    }
+
+
+class _PerExampleSums:
+    """Per-example sums of per-position values, accumulated batch by batch."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.ids: list[np.ndarray] = []
+        self.lengths: list[np.ndarray] = []
+        self.scored: list[np.ndarray] = []
+        self.sums: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
+
+    def add(self, batch: Batch, positions: ScoredPositions, values: Mapping[str, torch.Tensor]) -> None:
+        self.ids.append(batch.example_ids.cpu().numpy())
+        self.lengths.append(batch.lengths.cpu().numpy())
+        self.scored.append(positions.mask.sum(dim=1).cpu().numpy())
+        for name in self.names:
+            self.sums[name].append(positions.per_example_sum(values[name]).cpu().numpy())
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """example_id, n_tokens, n_scored and the per-example mean of every value."""
+        scored = _concat(self.scored, np.int32)
+        out = {
+            "example_id": _concat(self.ids, np.int32),
+            "n_tokens": _concat(self.lengths, np.int32),
+            "n_scored": scored,
+        }
+        for name in self.names:
+            out[name] = _concat(self.sums[name], np.float64) / np.maximum(scored, 1)
+        return out
+
+
+def _concat(parts: Sequence[np.ndarray], dtype: type) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
+
+
+class CompareStatistic:
+    """NLL of the quantized model and its KL to FP, per example, from one side-by-side pass."""
+
+    _VALUES = ("nll_q", "kl_fp_q", "kl_q_fp", "kl_fp_q_topk")
+
+    def __init__(
+        self, model_name: str, method: str, topk: int = DEFAULT_TOPK, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    ) -> None:
+        if topk < 1:
+            raise QbreakError(f"config key kl.topk: must be ≥ 1, got {topk}")
+        self.model_name, self.method, self.topk, self.chunk_tokens = model_name, method, topk, chunk_tokens
+        self._sums = _PerExampleSums(self._VALUES)
+
+    def update(self, batch: Batch, fp: ModelState, q: ModelState) -> None:
+        positions = ScoredPositions.of(batch)
+        n = positions.targets.shape[0]
+        values = {name: torch.empty(n, dtype=torch.float64, device=fp.hidden.device) for name in self._VALUES}
+        chunks = zip(
+            logit_chunks(fp.model, batch, fp.hidden, positions, self.chunk_tokens),
+            logit_chunks(q.model, batch, q.hidden, positions, self.chunk_tokens),
+            strict=True,
+        )
+        for (part, logits_fp), (_, logits_q) in chunks:
+            for name, value in token_divergences(logits_fp, logits_q, positions.targets[part], self.topk).items():
+                values[name][part] = value.double()
+        self._sums.add(batch, positions, values)
+
+    def nll_table(self) -> pa.Table:
+        """The quantized model's per-example NLL (io.NLL_SCHEMA)."""
+        cols = self._sums.columns()
+        return _table(cols, self.model_name, self.method, {"nll": cols["nll_q"]}, NLL_SCHEMA)
+
+    def kl_table(self) -> pa.Table:
+        """Per-example mean token KL in both directions and the top-k approximation (io.KL_SCHEMA)."""
+        cols = self._sums.columns()
+        extra = {name: cols[name] for name in ("kl_fp_q", "kl_q_fp", "kl_fp_q_topk")}
+        extra["topk"] = np.full(len(cols["example_id"]), self.topk, dtype=np.int32)
+        return _table(cols, self.model_name, self.method, extra, KL_SCHEMA)
+
+
+def _table(
+    cols: Mapping[str, np.ndarray], model_name: str, method: str, extra: Mapping[str, np.ndarray], schema: pa.Schema
+) -> pa.Table:
+    n = len(cols["example_id"])
+    data = {**cols, **extra, "model": [model_name] * n, "method": [method] * n}
+    return pa.table({field.name: data[field.name] for field in schema}, schema=schema)
+
+
+def compare_to_fp(
+    fp_model: torch.nn.Module,
+    q_model: torch.nn.Module,
+    examples: pa.Table,
+    model_name: str,
+    method: str,
+    batch_size: int = 8,
+    device: str = "cpu",
+    topk: int = DEFAULT_TOPK,
+) -> tuple[pa.Table, pa.Table]:
+    """(NLL table of the quantized model, KL table) from one side-by-side pass over `examples`."""
+    statistic = CompareStatistic(model_name, method, topk)
+    run_pair_pass(fp_model, q_model, iter_batches(examples, batch_size, device), [statistic])
+    return statistic.nll_table(), statistic.kl_table()
+
+
+class _TopkCollector:
+    """The FP model's top-k log-probs at every scored position, one row per example."""
+
+    def __init__(self, model_name: str, topk: int, chunk_tokens: int) -> None:
+        self.model_name, self.topk, self.chunk_tokens = model_name, topk, chunk_tokens
+        self.rows: list[dict[str, object]] = []
+
+    def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
+        positions = ScoredPositions.of(batch)
+        n = positions.targets.shape[0]
+        logp = torch.empty(n, self.topk, dtype=torch.float32)
+        index = torch.empty(n, self.topk, dtype=torch.int32)
+        for part, logits in logit_chunks(model, batch, hidden, positions, self.chunk_tokens):
+            top, idx = torch.log_softmax(logits, dim=-1).topk(self.topk, dim=-1)
+            logp[part], index[part] = top.cpu(), idx.int().cpu()
+        counts = positions.mask.sum(dim=1).tolist()
+        for example_id, k_logp, k_index in zip(
+            batch.example_ids.tolist(), logp.split(counts), index.split(counts), strict=True
+        ):
+            self.rows.append({"example_id": example_id, "token_ids": k_index.tolist(), "logprobs": k_logp.tolist()})
+
+    def result(self) -> pa.Table:
+        n = len(self.rows)
+        return pa.table(
+            {
+                "example_id": [r["example_id"] for r in self.rows],
+                "model": [self.model_name] * n,
+                "topk": [self.topk] * n,
+                "token_ids": [r["token_ids"] for r in self.rows],
+                "logprobs": [r["logprobs"] for r in self.rows],
+            },
+            schema=TOPK_SCHEMA,
+        )
+
+
+def fp_topk_reference(
+    fp_model: torch.nn.Module,
+    examples: pa.Table,
+    model_name: str,
+    batch_size: int = 8,
+    device: str = "cpu",
+    topk: int = DEFAULT_TOPK,
+) -> pa.Table:
+    """The FP model's top-k next-token log-probs per scored position (io.TOPK_SCHEMA)."""
+    collector = _TopkCollector(model_name, topk, DEFAULT_CHUNK_TOKENS)
+    run_pass(fp_model, iter_batches(examples, batch_size, device), [collector])
+    return collector.result()
+
+
+class TopkReference:
+    """Scores a quantized model's top-k KL against a stored FP reference, without running FP."""
+
+    def __init__(self, reference: pa.Table) -> None:
+        self.topk = int(reference.column("topk")[0].as_py()) if reference.num_rows else DEFAULT_TOPK
+        self._rows = {
+            int(i): (torch.tensor(ids, dtype=torch.int64), torch.tensor(lp, dtype=torch.float32))
+            for i, ids, lp in zip(
+                reference.column("example_id").to_pylist(),
+                reference.column("token_ids").to_pylist(),
+                reference.column("logprobs").to_pylist(),
+                strict=True,
+            )
+        }
+        self._sums = _PerExampleSums(["kl_fp_q_topk", "nll_q"])
+
+    def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
+        positions = ScoredPositions.of(batch)
+        try:
+            stored = [self._rows[i] for i in batch.example_ids.tolist()]
+        except KeyError as exc:
+            raise QbreakError(f"FP top-k reference has no row for example {exc.args[0]}") from None
+        index = torch.cat([ids for ids, _ in stored]).to(hidden.device)
+        top = torch.cat([lp for _, lp in stored]).to(hidden.device)
+        if index.shape[0] != positions.targets.shape[0]:
+            raise QbreakError("FP top-k reference was computed on other examples (scored positions differ)")
+        values = {
+            "kl_fp_q_topk": torch.empty(index.shape[0], dtype=torch.float64),
+            "nll_q": torch.empty(index.shape[0], dtype=torch.float64),
+        }
+        for part, logits in logit_chunks(model, batch, hidden, positions):
+            logp_q = torch.log_softmax(logits, dim=-1)
+            values["kl_fp_q_topk"][part] = topk_kl(top[part], logp_q.gather(1, index[part]))
+            values["nll_q"][part] = -logp_q.gather(1, positions.targets[part, None]).squeeze(1).double()
+        self._sums.add(batch, positions, values)
+
+    def mean_kl(self) -> dict[int, float]:
+        """example_id → mean token top-k KL(P_fp‖P_q)."""
+        cols = self._sums.columns()
+        return dict(zip(cols["example_id"].tolist(), cols["kl_fp_q_topk"].tolist(), strict=True))
+
+
+def score_against_reference(
+    q_model: torch.nn.Module, examples: pa.Table, reference: pa.Table, batch_size: int = 8, device: str = "cpu"
+) -> dict[int, float]:
+    """Per-example top-k KL(P_fp‖P_q) of `q_model` from a stored FP reference (one quantized pass)."""
+    statistic = TopkReference(reference)
+    run_pass(q_model, iter_batches(examples, batch_size, device), [statistic])
+    return statistic.mean_kl()

@@ -1,0 +1,139 @@
+"""Logit lens and layer restoring: where in depth do broken inputs depart from FP, and does putting
+late layers back in full precision repair them?
+
+Logit lens: decode each layer's residual output r_l as softmax(U · final_norm(r_l)) and score the
+next token; at the last layer this is the model's own NLL. Restoring: the quantized model with a set
+of decoder layers (all their weights, norms included) copied back from the FP model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+
+import pyarrow as pa
+import torch
+
+from qbreak.errors import QbreakError
+from qbreak.hooks import decoder_layers, hooks
+from qbreak.io import LENS_SCHEMA, RESTORE_SCHEMA
+from qbreak.nll import DEFAULT_CHUNK_TOKENS, ScoredPositions, has_plain_lm_head, per_example_nll, token_nll
+from qbreak.passes import Batch, LayerRows, iter_batches, run_pass
+
+
+class LogitLensStatistic:
+    """Per example and layer: mean NLL of the next token decoded from that layer's output."""
+
+    def __init__(
+        self, model_name: str, method: str, layers: Sequence[int] | None = None,
+        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    ) -> None:
+        self.model_name, self.method, self.chunk_tokens = model_name, method, chunk_tokens
+        self.layers = None if layers is None else sorted(set(layers))
+        self._positions: ScoredPositions | None = None
+        self._current: dict[int, torch.Tensor] = {}
+        self._rows = LayerRows()
+
+    @contextlib.contextmanager
+    def attach(self, model: torch.nn.Module) -> Iterator[None]:
+        if not has_plain_lm_head(model):
+            raise QbreakError(f"{type(model).__name__}: the logit lens needs logits = lm_head(final norm(h))")
+        n_layers = len(decoder_layers(model))
+        layers = list(range(n_layers)) if self.layers is None else self.layers
+        if any(not 0 <= layer < n_layers for layer in layers):
+            raise QbreakError(f"config key residuals.lens_layers: layers must be in 0..{n_layers - 1}, got {layers}")
+        norm = model.get_decoder().norm
+        head = model.get_output_embeddings()
+        fns = {(layer, "block_out"): self._decoder(layer, norm, head) for layer in layers}
+        with hooks(model, fns):
+            yield
+
+    def begin(self, batch: Batch) -> None:
+        self._positions = ScoredPositions.of(batch)
+        self._current = {}
+
+    def _decoder(self, layer: int, norm: torch.nn.Module, head: torch.nn.Linear):  # noqa: ANN202 (a hook closure)
+        def decode(x: torch.Tensor) -> None:
+            positions = self._positions
+            assert positions is not None, "begin(batch) must precede the forward"
+            states = norm(x)[:, :-1][positions.mask]
+            nll = token_nll(states, head.weight, positions.targets, head.bias, self.chunk_tokens)
+            self._current[layer] = positions.per_example_sum(nll) / positions.mask.sum(dim=1).clamp_min(1)
+            return None
+
+        return decode
+
+    def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
+        ids = batch.example_ids.cpu().numpy()
+        for layer, nll in sorted(self._current.items()):
+            self._rows.add(ids, layer, {"nll": nll.double().cpu().numpy()})
+        self._current = {}
+
+    def result(self) -> pa.Table:
+        """One row per example and decoded layer (io.LENS_SCHEMA)."""
+        return self._rows.table(self.model_name, self.method, LENS_SCHEMA)
+
+
+def logit_lens(
+    model: torch.nn.Module, examples: pa.Table, model_name: str, method: str,
+    layers: Sequence[int] | None = None, batch_size: int = 8, device: str = "cpu",
+) -> pa.Table:
+    """Per-example logit-lens NLL at each of `layers` (all layers when None)."""
+    statistic = LogitLensStatistic(model_name, method, layers)
+    run_pass(model, iter_batches(examples, batch_size, device), [statistic])
+    return statistic.result()
+
+
+def with_restored_layers(q_model: torch.nn.Module, fp_model: torch.nn.Module, layers: Sequence[int]) -> torch.nn.Module:
+    """A copy of `q_model` whose decoder `layers` carry the FP model's weights (norms included)."""
+    hybrid = copy.deepcopy(q_model)
+    fp_layers, hybrid_layers = decoder_layers(fp_model), decoder_layers(hybrid)
+    for layer in layers:
+        hybrid_layers[layer].load_state_dict(fp_layers[layer].state_dict())
+    return hybrid
+
+
+def parse_layer_ranges(ranges: Sequence[Sequence[int]] | None, n_layers: int, key: str) -> dict[str, list[int]]:
+    """label → layers of inclusive [first, last] ranges (negative = from the end); None = the last quarter."""
+    if not ranges:
+        first = n_layers - max(1, n_layers // 4)
+        ranges = [[first, n_layers - 1]]
+    out: dict[str, list[int]] = {}
+    for entry in ranges:
+        if len(entry) != 2:
+            raise QbreakError(f"config key {key}: each range is [first, last], got {list(entry)}")
+        first, last = (value + n_layers if value < 0 else value for value in entry)
+        if not 0 <= first <= last < n_layers:
+            raise QbreakError(f"config key {key}: range {list(entry)} is not within layers 0..{n_layers - 1}")
+        out[f"{first}-{last}"] = list(range(first, last + 1))
+    return out
+
+
+def restore_table(
+    q_model: torch.nn.Module, fp_model: torch.nn.Module, examples: pa.Table, model_name: str, method: str,
+    ranges: Mapping[str, Sequence[int]], batch_size: int = 8, device: str = "cpu",
+) -> pa.Table:
+    """Per example and restored range: the NLL of the quantized model with those layers in FP."""
+    parts = []
+    for label, layers in ranges.items():
+        hybrid = with_restored_layers(q_model, fp_model, layers)
+        nll = per_example_nll(hybrid, examples, model_name, method, batch_size, device)
+        del hybrid
+        n = nll.num_rows
+        parts.append(
+            pa.table(
+                {
+                    "example_id": nll.column("example_id"),
+                    "model": [model_name] * n,
+                    "method": [method] * n,
+                    "restored": [label] * n,
+                    "first_layer": pa.array([min(layers) if layers else None] * n, pa.int32()),
+                    "last_layer": pa.array([max(layers) if layers else None] * n, pa.int32()),
+                    "nll": nll.column("nll"),
+                    "n_scored": nll.column("n_scored"),
+                },
+                schema=RESTORE_SCHEMA,
+            )
+        )
+    return pa.concat_tables(parts) if parts else RESTORE_SCHEMA.empty_table()

@@ -1,0 +1,323 @@
+"""FP → quantized activation patching: which activation, put back to its FP value, repairs the inputs
+that break?
+
+For a batch, the FP model runs once and its activations at the patched sites are kept (for that
+batch only). The quantized model then runs with a hook that replaces its activation at a site and
+set of layers by the FP one, and the NLL is scored. Sites (as in the paper's Table 4):
+
+    attn        attention output (before the residual add)
+    gate        act(gate_proj(h)), the MLP's gate after its activation
+    up          up_proj(h)
+    down        down_proj(...), the MLP output
+    gate_input  the input of gate_proj only (FP post-norm residual), up_proj keeps the quantized one
+    resid       the layer's output residual stream
+
+A per-layer sweep does not pay one full forward per (site, layer): the hidden state entering layer l
+is the same for every patch that starts at l, so one unpatched quantized pass records every layer's
+input (and the keyword arguments the decoder passes to its layers), and a patch starting at l runs
+only layers l … L−1 from there (`fast=True`; `fast=False` is the naive full forward, kept for the
+identity tests and the benchmark).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from qbreak.errors import QbreakError
+from qbreak.hooks import decoder_layers, hooks
+from qbreak.io import PATCHING_SCHEMA
+from qbreak.nll import batch_nll
+from qbreak.passes import Batch, final_hidden_state, iter_batches
+
+# patch site -> hook site (hooks.SITES) whose activation is replaced
+PATCH_SITES: dict[str, str] = {
+    "attn": "attn",
+    "gate": "gate",
+    "up": "up",
+    "down": "down",
+    "gate_input": "gate_input",
+    "resid": "block_out",
+}
+WEIGHT_SITES = {"gate_weights": "mlp.gate_proj", "up_weights": "mlp.up_proj", "down_weights": "mlp.down_proj"}
+# AWQ folds per-channel scales into the model: post_attention_layernorm's γ is divided by s and the
+# gate/up input columns multiplied by it; up_proj's rows are divided by s' and down_proj's columns
+# multiplied by it. The MLP input and the up output then live in another basis than FP's, so these
+# patches (and FP gate/up/down weights next to AWQ's rescaled neighbours) are meaningless there.
+# attn, gate (act(gate)), down (the MLP output) and resid keep FP's basis.
+RESCALED_SITES = {"gate_input", "up", "gate_weights", "up_weights", "down_weights"}
+RESCALING_KINDS = {"awq"}
+
+
+def valid_sites(sites: Sequence[str], kind: str) -> list[str]:
+    """The sites that compare like with like for a method of `kind` (see RESCALED_SITES)."""
+    return [site for site in sites if kind not in RESCALING_KINDS or site not in RESCALED_SITES]
+
+
+@dataclass(frozen=True)
+class Patch:
+    """Replace `site` at `layers` by FP's (or, for a *_weights site, put those weights back in FP)."""
+
+    site: str
+    layers: tuple[int, ...]
+    label: str
+
+    def __post_init__(self) -> None:
+        if self.site not in PATCH_SITES and self.site not in WEIGHT_SITES and self.site != "none":
+            raise QbreakError(
+                f"config key patching.sites: unknown site '{self.site}', expected one of "
+                f"{sorted(PATCH_SITES) + sorted(WEIGHT_SITES)}"
+            )
+
+
+def upper_half(n_layers: int) -> tuple[int, ...]:
+    """The paper's default patch set: layers ⌊L/2⌋ … L−1."""
+    return tuple(range(n_layers // 2, n_layers))
+
+
+def build_patches(
+    n_layers: int, sites: Sequence[str], sweep_layers: Sequence[int] | None, ranges: Sequence[Sequence[int]] | None,
+    weight_sites: Sequence[str] = (),
+) -> list[Patch]:
+    """The unpatched run, each site on the upper half and on configured ranges, the per-layer sweep,
+    and the weight-restore counterparts on the upper half."""
+    patches = [Patch("none", (), "none")]
+    half = upper_half(n_layers)
+    spans = {f"{half[0]}-{half[-1]}": half}
+    for first, last in ranges or []:
+        first, last = (v + n_layers if v < 0 else v for v in (first, last))
+        if not 0 <= first <= last < n_layers:
+            raise QbreakError(f"config key patching.ranges: [{first}, {last}] is not within layers 0..{n_layers - 1}")
+        spans[f"{first}-{last}"] = tuple(range(first, last + 1))
+    for site in sites:
+        patches += [Patch(site, layers, label) for label, layers in spans.items()]
+    for layer in sweep_layers or []:
+        if not 0 <= layer < n_layers:
+            raise QbreakError(f"config key patching.sweep_layers: {layer} is not within 0..{n_layers - 1}")
+        patches += [Patch(site, (layer,), str(layer)) for site in sites if site != "resid"]
+    patches += [Patch(site, half, f"{half[0]}-{half[-1]}") for site in weight_sites]
+    return patches
+
+
+def fp_activations(fp_model: torch.nn.Module, batch: Batch, patches: Sequence[Patch]) -> dict[tuple[int, str], torch.Tensor]:
+    """FP activations at every (layer, hook site) some patch replaces, for this batch only."""
+    needed = {(layer, PATCH_SITES[p.site]) for p in patches if p.site in PATCH_SITES for layer in p.layers}
+    cache: dict[tuple[int, str], torch.Tensor] = {}
+
+    def keep(key: tuple[int, str]):  # noqa: ANN202 (a hook closure)
+        def hook(x: torch.Tensor) -> None:
+            cache[key] = x
+
+        return hook
+
+    with hooks(fp_model, {key: keep(key) for key in needed}):
+        final_hidden_state(fp_model, batch)
+    return cache
+
+
+def _patch_fns(patch: Patch, cache: Mapping[tuple[int, str], torch.Tensor]) -> dict[tuple[int, str], Any]:
+    if patch.site not in PATCH_SITES:
+        return {}
+    site = PATCH_SITES[patch.site]
+    return {(layer, site): (lambda x, key=(layer, site): cache[key]) for layer in patch.layers}
+
+
+@contextlib.contextmanager
+def layer_inputs(model: torch.nn.Module) -> Iterator[dict[int, tuple[torch.Tensor, dict[str, Any]]]]:
+    """Record each decoder layer's hidden-state input and keyword arguments during a forward."""
+    inputs: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
+    layers = decoder_layers(model)
+    handles = []
+
+    def record(index: int):  # noqa: ANN202 (a hook closure)
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            inputs[index] = (hidden, rest)
+
+        return hook
+
+    try:
+        for index, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(record(index), with_kwargs=True))
+        yield inputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_from(model: torch.nn.Module, start: int, inputs: Mapping[int, tuple[torch.Tensor, dict[str, Any]]]) -> torch.Tensor:
+    """Final normed hidden state when the decoder resumes at layer `start` from its recorded input."""
+    layers = decoder_layers(model)
+    hidden = inputs[start][0]
+    for index in range(start, len(layers)):
+        out = layers[index](hidden, **inputs[index][1])
+        hidden = out[0] if isinstance(out, tuple) else out
+    return model.get_decoder().norm(hidden)
+
+
+def with_fp_weights(q_model: torch.nn.Module, fp_model: torch.nn.Module, module: str, layers: Sequence[int]) -> torch.nn.Module:
+    """A copy of `q_model` whose `module` (e.g. mlp.gate_proj) in `layers` carries the FP weights."""
+    hybrid = copy.deepcopy(q_model)
+    for index in layers:
+        target, source = decoder_layers(hybrid)[index], decoder_layers(fp_model)[index]
+        for part in module.split("."):
+            target, source = getattr(target, part), getattr(source, part)
+        target.load_state_dict(source.state_dict())
+    return hybrid
+
+
+@torch.inference_mode()
+def patched_nll(
+    fp_model: torch.nn.Module, q_model: torch.nn.Module, batch: Batch, patches: Sequence[Patch], fast: bool = True,
+    hybrids: Mapping[str, torch.nn.Module] | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """patch key (site/label) → (summed NLL float64 [batch], scored tokens [batch]) for one batch."""
+    cache = fp_activations(fp_model, batch, patches)
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with layer_inputs(q_model) as inputs:
+        unpatched = final_hidden_state(q_model, batch)
+    for patch in patches:
+        key = f"{patch.site}/{patch.label}"
+        if patch.site == "none":
+            hidden, model = unpatched, q_model
+        elif patch.site in WEIGHT_SITES:
+            model = (hybrids or {})[key]
+            hidden = final_hidden_state(model, batch)
+        else:
+            model = q_model
+            with hooks(q_model, _patch_fns(patch, cache)):
+                hidden = run_from(q_model, min(patch.layers), inputs) if fast else final_hidden_state(q_model, batch)
+        out[key] = batch_nll(model, batch, hidden)
+    return out
+
+
+def patching_table(
+    fp_model: torch.nn.Module, q_model: torch.nn.Module, examples: pa.Table, model_name: str, method: str,
+    patches: Sequence[Patch], batch_size: int = 8, device: str = "cpu", fast: bool = True,
+) -> pa.Table:
+    """Per example and patch: the quantized model's NLL with that patch (io.PATCHING_SCHEMA)."""
+    hybrids = {
+        f"{p.site}/{p.label}": with_fp_weights(q_model, fp_model, WEIGHT_SITES[p.site], p.layers)
+        for p in patches
+        if p.site in WEIGHT_SITES
+    }
+    columns: dict[str, list[Any]] = {name: [] for name in ("example_id", "site", "layers", "first", "last", "nll", "n")}
+    for batch in iter_batches(examples, batch_size, device):
+        results = patched_nll(fp_model, q_model, batch, patches, fast, hybrids)
+        ids = batch.example_ids.tolist()
+        for patch in patches:
+            sums, scored = results[f"{patch.site}/{patch.label}"]
+            nll = (sums / scored.clamp_min(1)).tolist()
+            columns["example_id"] += ids
+            columns["site"] += [patch.site] * len(ids)
+            columns["layers"] += [patch.label] * len(ids)
+            columns["first"] += [min(patch.layers) if patch.layers else None] * len(ids)
+            columns["last"] += [max(patch.layers) if patch.layers else None] * len(ids)
+            columns["nll"] += nll
+            columns["n"] += scored.tolist()
+    n = len(columns["example_id"])
+    return pa.table(
+        {
+            "example_id": pa.array(columns["example_id"], pa.int32()),
+            "model": [model_name] * n,
+            "method": [method] * n,
+            "site": columns["site"],
+            "layers": columns["layers"],
+            "first_layer": pa.array(columns["first"], pa.int32()),
+            "last_layer": pa.array(columns["last"], pa.int32()),
+            "nll": np.array(columns["nll"], dtype=np.float64),
+            "n_scored": pa.array(columns["n"], pa.int32()),
+        },
+        schema=PATCHING_SCHEMA,
+    )
+
+
+def patching_summary(patching: Mapping[str, pa.Table], nll_fp: pa.Table, selection: pa.Table, model: str) -> pa.Table:
+    """Perplexity on D_large and D_ctrl per method, site and layer set, next to FP (io.PATCH_SUMMARY_SCHEMA).
+
+    `recovered` = (ppl_quantized − ppl_patched) / (ppl_quantized − ppl_fp): 1 when a patch gives back
+    FP's perplexity, 0 when it does nothing.
+    """
+    from qbreak.io import PATCH_SUMMARY_SCHEMA
+
+    sets = {
+        int(i): s
+        for i, s in zip(selection.column("example_id").to_pylist(), selection.column("set").to_pylist(), strict=True)
+        if s in ("large", "ctrl")
+    }
+    fp = dict(zip(nll_fp.column("example_id").to_pylist(), zip(nll_fp.column("nll").to_pylist(),
+                                                              nll_fp.column("n_scored").to_pylist(), strict=True),
+                  strict=True))
+    rows = []
+    for method, table in patching.items():
+        data = table.to_pydict()
+        groups: dict[tuple[str, str, str], list[tuple[float, int]]] = {}
+        for k, example_id in enumerate(data["example_id"]):
+            if example_id in sets:
+                key = (sets[example_id], data["site"][k], data["layers"][k])
+                groups.setdefault(key, []).append((data["nll"][k], data["n_scored"][k]))
+        for name in ("large", "ctrl"):
+            members = [i for i, s in sets.items() if s == name]
+            if not members or (name, "none", "none") not in groups:
+                continue
+            ppl_fp = _ppl([fp[i] for i in members])
+            ppl_q = _ppl(groups[(name, "none", "none")])
+            rows.append(_summary_row(model, method, name, "fp", "none", ppl_fp, ppl_fp, ppl_q, len(members)))
+            for (set_name, site, label), values in sorted(groups.items()):
+                if set_name == name:
+                    rows.append(_summary_row(model, method, name, site, label, _ppl(values), ppl_fp, ppl_q, len(values)))
+    return pa.Table.from_pylist(rows, schema=PATCH_SUMMARY_SCHEMA)
+
+
+def _ppl(values: Sequence[tuple[float, int]]) -> float:
+    nll = np.array([v[0] for v in values])
+    weights = np.array([v[1] for v in values], dtype=np.float64)
+    return float(np.exp((nll * weights).sum() / max(weights.sum(), 1.0)))
+
+
+def _summary_row(
+    model: str, method: str, name: str, site: str, label: str, ppl: float, ppl_fp: float, ppl_q: float, n: int
+) -> dict[str, Any]:
+    gap = ppl_q - ppl_fp
+    return {
+        "model": model, "method": method, "set": name, "site": site, "layers": label, "n": n,
+        "perplexity": ppl, "recovered": (ppl_q - ppl) / gap if gap != 0 else None,
+    }
+
+
+def patching_markdown(summary: pa.Table, model: str, note: str | None = None) -> str:
+    """The paper's Table-4 layout: FP, quantized and every patched site on the upper half, per set."""
+    rows = summary.to_pylist()
+    lines = [f"# FP → quantized activation patching: {model}", ""]
+    if note:
+        lines += [f"*{note}*", ""]
+    lines += [
+        "Perplexity with the quantized model's activation at a site replaced by the FP model's in the listed",
+        "layers (`*_weights`: those weights put back in FP instead). recovered = share of the FP–quantized",
+        "perplexity gap closed.",
+    ]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        lines += ["", f"## {method}", "", "| site | layers | D_large | recovered | D_ctrl | recovered |", "|---|---|---:|---:|---:|---:|"]
+        # layer ranges only ("first-last"); the single-layer sweep is in the figure and the table
+        mine = [r for r in rows if r["method"] == method and (r["site"] in ("fp", "none") or "-" in r["layers"])]
+        keys = list(dict.fromkeys((r["site"], r["layers"]) for r in mine))
+        for site, label in keys:
+            cells = []
+            for name in ("large", "ctrl"):
+                match = [r for r in mine if (r["site"], r["layers"], r["set"]) == (site, label, name)]
+                if match:
+                    rec = match[0]["recovered"]
+                    cells += [f"{match[0]['perplexity']:.2f}", "–" if rec is None else f"{rec:.2f}"]
+                else:
+                    cells += ["–", "–"]
+            title = {"fp": "FP", "none": "quantized"}.get(site, site)
+            lines.append(f"| {title} | {label if site not in ('fp', 'none') else '–'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,185 @@
+"""Per-example, per-layer residual-stream statistics, reduced inside the hooks of one model pass.
+
+For every decoder layer and site (pre_norm = the residual r^(l) after the attention add, post_norm
+= its RMSNorm output, block_out = the layer's output) an example gets the mean over its tokens of
+the L2 norm and of the kurtosis of the activation vector, E[(a − ā)⁴] / E[(a − ā)²]² over the
+d_model entries (3 for a Gaussian vector; large when a few dimensions dominate). Position 0 (the
+start token, identical in every example) is left out, as in the NLL. Nothing of size
+examples × tokens × d_model is kept: memory is O(examples × layers × sites).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from qbreak.hooks import decoder_layers, hooks
+from qbreak.io import AMPLIFICATION_SCHEMA, DIMS_SCHEMA, RESIDUALS_SCHEMA
+from qbreak.passes import Batch, LayerRows
+
+RESIDUAL_SITES = ("pre_norm", "post_norm", "block_out")
+
+
+@torch.inference_mode()
+def token_norm_kurtosis(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example mean token L2 norm and mean token kurtosis (float64 [batch]) over `mask` [batch, pos]."""
+    x = x.float()
+    norms = x.norm(dim=-1)  # [batch, pos]
+    centered = x - x.mean(dim=-1, keepdim=True)
+    m2 = centered.pow(2).mean(dim=-1)
+    kurtosis = centered.pow(4).mean(dim=-1) / m2.pow(2).clamp_min(torch.finfo(torch.float32).tiny)
+    weights = mask.to(torch.float64)
+    count = weights.sum(dim=1).clamp_min(1.0)
+    return (norms.double() * weights).sum(dim=1) / count, (kurtosis.double() * weights).sum(dim=1) / count
+
+
+def statistic_mask(batch: Batch) -> torch.Tensor:
+    """[batch, pos] bool: the real tokens of each example except position 0."""
+    mask = batch.attention_mask.bool().clone()
+    mask[:, 0] = False
+    return mask
+
+
+class ResidualStatistic:
+    """Norms and kurtosis per example, layer and site, plus per-dimension mean |r^(l)| per layer."""
+
+    def __init__(self, model_name: str, method: str, sites: Sequence[str] = RESIDUAL_SITES) -> None:
+        self.model_name, self.method, self.sites = model_name, method, tuple(sites)
+        self._mask: torch.Tensor | None = None
+        self._current: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows = LayerRows()
+        self._abs_sum: dict[int, torch.Tensor] = {}
+        self._tokens = 0.0
+
+    @contextlib.contextmanager
+    def attach(self, model: torch.nn.Module) -> Iterator[None]:
+        """Observe `model` (FP or quantized) for the duration of the context."""
+        n_layers = len(decoder_layers(model))
+        fns = {(layer, site): self._observer(layer, site) for layer in range(n_layers) for site in self.sites}
+        with hooks(model, fns):
+            yield
+
+    def begin(self, batch: Batch) -> None:
+        self._mask = statistic_mask(batch)
+        self._current = {}
+
+    def _observer(self, layer: int, site: str):  # noqa: ANN202 (a hook closure)
+        def observe(x: torch.Tensor) -> None:
+            assert self._mask is not None, "begin(batch) must precede the forward"
+            self._current[(layer, site)] = token_norm_kurtosis(x, self._mask)
+            if site == "pre_norm":
+                weights = self._mask.to(x.dtype)[..., None]
+                total = (x.abs() * weights).sum(dim=(0, 1)).double()
+                self._abs_sum[layer] = self._abs_sum.get(layer, 0) + total
+            return None
+
+        return observe
+
+    def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
+        ids = batch.example_ids.cpu().numpy()
+        for (layer, site), (norm, kurtosis) in sorted(self._current.items()):
+            self._rows.add(ids, layer, {"norm": norm.cpu().numpy(), "kurtosis": kurtosis.cpu().numpy()}, site)
+        assert self._mask is not None
+        self._tokens += float(self._mask.sum())
+        self._current = {}
+
+    def result(self) -> pa.Table:
+        """Long table: one row per example, layer and site (io.RESIDUALS_SCHEMA)."""
+        return self._rows.table(self.model_name, self.method, RESIDUALS_SCHEMA)
+
+    def mean_abs_per_dim(self) -> dict[int, np.ndarray]:
+        """layer → mean |r^(l)| per residual dimension [d_model] over every counted token."""
+        return {layer: (total / max(self._tokens, 1.0)).cpu().numpy() for layer, total in self._abs_sum.items()}
+
+
+class AmplificationStatistic:
+    """Attached to the FP model: each layer's quantized MLP applied to the FP MLP input, vs the FP MLP.
+
+    Per example and layer: the mean over tokens of the mean squared difference between the two MLP
+    outputs (same input, so it isolates what the quantized weights do to it) and the mean squared
+    FP MLP output (for a relative error). The paper links the first to the post-norm magnitude.
+    """
+
+    def __init__(self, model_name: str, method: str, q_model: torch.nn.Module) -> None:
+        self.model_name, self.method = model_name, method
+        self.q_layers = decoder_layers(q_model)
+        self._mask: torch.Tensor | None = None
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rows = LayerRows()
+
+    @contextlib.contextmanager
+    def attach(self, model: torch.nn.Module) -> Iterator[None]:
+        n_layers = len(decoder_layers(model))
+        if n_layers != len(self.q_layers):
+            raise ValueError(f"FP model has {n_layers} layers, the quantized one {len(self.q_layers)}")
+        fns = {}
+        for layer in range(n_layers):
+            fns[(layer, "post_norm")] = self._keep_input(layer)
+            fns[(layer, "down")] = self._compare_output(layer)
+        with hooks(model, fns):
+            yield
+
+    def begin(self, batch: Batch) -> None:
+        self._mask = statistic_mask(batch)
+        self._inputs, self._current = {}, {}
+
+    def _keep_input(self, layer: int):  # noqa: ANN202 (a hook closure)
+        def keep(x: torch.Tensor) -> None:
+            self._inputs[layer] = x
+            return None
+
+        return keep
+
+    def _compare_output(self, layer: int):  # noqa: ANN202 (a hook closure)
+        def compare(y_fp: torch.Tensor) -> None:
+            assert self._mask is not None, "begin(batch) must precede the forward"
+            if layer not in self._inputs:  # our own call of the quantized MLP, when it is hooked too
+                return None
+            y_q = self.q_layers[layer].mlp(self._inputs.pop(layer))
+            weights = self._mask.to(torch.float64)
+            count = weights.sum(dim=1).clamp_min(1.0)
+            mse = (y_q.float() - y_fp.float()).pow(2).mean(dim=-1).double()
+            power = y_fp.float().pow(2).mean(dim=-1).double()
+            self._current[layer] = ((mse * weights).sum(dim=1) / count, (power * weights).sum(dim=1) / count)
+            return None
+
+        return compare
+
+    def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
+        ids = batch.example_ids.cpu().numpy()
+        for layer, (mse, power) in sorted(self._current.items()):
+            self._rows.add(ids, layer, {"mlp_mse": mse.cpu().numpy(), "mlp_power": power.cpu().numpy()})
+        self._current = {}
+
+    def result(self) -> pa.Table:
+        """One row per example and layer (io.AMPLIFICATION_SCHEMA)."""
+        return self._rows.table(self.model_name, self.method, AMPLIFICATION_SCHEMA)
+
+
+def norm_weights(model: torch.nn.Module) -> dict[int, np.ndarray]:
+    """layer → the RMSNorm γ applied to the residual before the MLP (post_attention_layernorm.weight)."""
+    return {
+        index: layer.post_attention_layernorm.weight.detach().float().cpu().numpy()
+        for index, layer in enumerate(decoder_layers(model))
+    }
+
+
+def dims_table(model_name: str, mean_abs: dict[int, np.ndarray], gamma: dict[int, np.ndarray]) -> pa.Table:
+    """Per layer and residual dimension: mean |r^(l)| and the RMSNorm γ (io.DIMS_SCHEMA)."""
+    layers = sorted(mean_abs)
+    d = len(mean_abs[layers[0]]) if layers else 0
+    return pa.table(
+        {
+            "model": [model_name] * (len(layers) * d),
+            "layer": np.repeat(np.array(layers, dtype=np.int32), d),
+            "dim": np.tile(np.arange(d, dtype=np.int32), len(layers)),
+            "mean_abs": np.concatenate([mean_abs[layer] for layer in layers]) if layers else np.zeros(0),
+            "gamma": np.concatenate([gamma[layer] for layer in layers]) if layers else np.zeros(0),
+        },
+        schema=DIMS_SCHEMA,
+    )

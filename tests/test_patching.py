@@ -1,0 +1,115 @@
+"""FP → quantized activation patching: identities that must hold, and fast sweep = naive sweep."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import torch
+
+from qbreak.errors import QbreakError
+from qbreak.hooks import hooks
+from qbreak.nll import per_example_nll
+from qbreak.patching import Patch, build_patches, patching_table, upper_half
+from qbreak.passes import iter_batches
+from tests.conftest import make_tiny_llama
+from tests.test_kl import _examples
+from tests.test_residuals import capture
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    fp = make_tiny_llama(seed=5)
+    q = copy.deepcopy(fp)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, p in q.named_parameters():
+            if "layers" in name and p.ndim == 2:
+                p.add_(0.2 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    return fp, q
+
+
+def _nll(table, site: str, label: str) -> np.ndarray:  # noqa: ANN001
+    rows = table.filter(pc.and_(pc.equal(table["site"], site), pc.equal(table["layers"], label)))
+    return rows.column("nll").to_numpy()
+
+
+def test_patch_identities(pair: tuple[torch.nn.Module, torch.nn.Module]) -> None:
+    fp, q = pair
+    examples = _examples(n=6)
+    patches = [Patch("none", (), "none"), Patch("resid", (0, 1), "all"), Patch("resid", (1,), "1")]
+    table = patching_table(fp, q, examples, "tiny", "q", patches, batch_size=4)
+    fp_nll = per_example_nll(fp, examples, "tiny", "fp", 4).column("nll").to_numpy()
+    q_nll = per_example_nll(q, examples, "tiny", "q", 4).column("nll").to_numpy()
+    np.testing.assert_allclose(_nll(table, "resid", "all"), fp_nll, atol=1e-5)
+    np.testing.assert_allclose(_nll(table, "resid", "1"), fp_nll, atol=1e-5)  # the last layer's output is FP's
+    np.testing.assert_array_equal(_nll(table, "none", "none"), q_nll)
+    assert np.abs(fp_nll - q_nll).min() > 1e-4
+
+
+def test_patching_leaves_earlier_layers_untouched(pair: tuple[torch.nn.Module, torch.nn.Module]) -> None:
+    fp, q = pair
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    plain: dict[str, torch.Tensor] = {}
+    patched: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        with hooks(q, {(0, "block_out"): capture(plain, "0"), (1, "block_out"): capture(plain, "1")}):
+            q(ids)
+        with hooks(fp, {(1, "down"): capture(plain, "fp_down")}):
+            fp(ids)
+        fns = {(0, "block_out"): capture(patched, "0"), (1, "block_out"): capture(patched, "1"),
+               (1, "down"): lambda x: plain["fp_down"]}
+        with hooks(q, fns):
+            q(ids)
+    torch.testing.assert_close(patched["0"], plain["0"], rtol=0, atol=0)
+    assert not torch.allclose(patched["1"], plain["1"])
+
+
+@pytest.mark.parametrize("site", ["attn", "gate", "up", "down", "gate_input"])
+def test_fast_sweep_equals_naive(pair: tuple[torch.nn.Module, torch.nn.Module], site: str) -> None:
+    fp, q = pair
+    examples = _examples(n=5)
+    patches = build_patches(2, [site], sweep_layers=[0, 1], ranges=[[0, 0]])
+    fast = patching_table(fp, q, examples, "tiny", "q", patches, batch_size=3, fast=True)
+    naive = patching_table(fp, q, examples, "tiny", "q", patches, batch_size=3, fast=False)
+    np.testing.assert_allclose(fast.column("nll").to_numpy(), naive.column("nll").to_numpy(), atol=1e-5)
+    unpatched = _nll(fast, "none", "none")
+    for label in ("0", "1", "1-1"):
+        assert np.abs(_nll(fast, site, label) - unpatched).max() > 1e-6, label  # every patch changes something
+
+
+def test_gate_weights_restore_and_gate_input(pair: tuple[torch.nn.Module, torch.nn.Module]) -> None:
+    fp, q = pair
+    examples = _examples(n=4)
+    patches = build_patches(2, ["gate", "gate_input"], None, None, weight_sites=["gate_weights"])
+    table = patching_table(fp, q, examples, "tiny", "q", patches, batch_size=4)
+    assert set(table.column("site").to_pylist()) == {"none", "gate", "gate_input", "gate_weights"}
+    assert set(table.column("layers").to_pylist()) == {"none", "1-1"}
+    weights = _nll(table, "gate_weights", "1-1")
+    hybrid = copy.deepcopy(q)
+    hybrid.model.layers[1].mlp.gate_proj.load_state_dict(fp.model.layers[1].mlp.gate_proj.state_dict())
+    np.testing.assert_allclose(weights, per_example_nll(hybrid, examples, "tiny", "h", 4).column("nll").to_numpy())
+    assert not np.allclose(_nll(table, "gate", "1-1"), _nll(table, "gate_input", "1-1"))
+
+
+def test_patch_sets() -> None:
+    assert upper_half(30) == tuple(range(15, 30))
+    patches = build_patches(4, ["attn", "resid"], sweep_layers=[1, 3], ranges=[[-1, -1]])
+    keys = [(p.site, p.label) for p in patches]
+    assert keys == [("none", "none"), ("attn", "2-3"), ("attn", "3-3"), ("resid", "2-3"), ("resid", "3-3"),
+                    ("attn", "1"), ("attn", "3")]
+    with pytest.raises(QbreakError, match="patching.sites"):
+        build_patches(4, ["mlp"], None, None)
+    with pytest.raises(QbreakError, match="patching.sweep_layers"):
+        build_patches(4, ["attn"], [4], None)
+    assert len(list(iter_batches(_examples(n=3), 2))) == 2
+
+
+def test_awq_skips_the_sites_its_scales_rescale() -> None:
+    from qbreak.patching import valid_sites
+
+    sites = ["attn", "gate", "up", "down", "gate_input", "resid", "gate_weights"]
+    assert valid_sites(sites, "awq") == ["attn", "gate", "down", "resid"]
+    assert valid_sites(sites, "gptq") == sites

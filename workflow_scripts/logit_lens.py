@@ -1,0 +1,21 @@
+"""Rule logit_lens: per-layer NLL of one model decoded through its final norm and lm_head."""
+
+import sys
+
+sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+
+from qbreak.jobs import lens_job, run_job  # noqa: E402
+
+run_job(
+    lens_job,
+    threads=snakemake.threads,  # noqa: F821
+    model_name=snakemake.wildcards.model,  # noqa: F821
+    method=snakemake.wildcards.method,  # noqa: F821
+    model_dir=snakemake.input.model,  # noqa: F821
+    examples=snakemake.input.examples,  # noqa: F821
+    selection=snakemake.input.selection,  # noqa: F821
+    output=snakemake.output[0],  # noqa: F821
+    runtime=dict(snakemake.params.runtime),  # noqa: F821
+    layers=snakemake.params.layers,  # noqa: F821
+    trust_remote_code=snakemake.params.trust_remote_code,  # noqa: F821
+)
