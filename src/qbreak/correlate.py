@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -245,8 +245,3 @@ def summary_table(correlations: pa.Table, overlap: pa.Table, model: str) -> pa.T
 
 def _mean(values: np.ndarray) -> float | None:
     return float(np.nanmean(values)) if len(values) and np.isfinite(values).any() else None
-
-
-def method_order(methods: Sequence[MethodErrors]) -> list[str]:
-    """Methods sorted by family, then bits, then name (the layout of the heatmap)."""
-    return [m.method for m in sorted(methods, key=lambda m: (m.family, m.bits, m.method))]
