@@ -62,6 +62,19 @@ def make_tiny_llama(vocab_size: int = 512, seed: int = 0) -> torch.nn.Module:
     return LlamaForCausalLM(config).eval()
 
 
+def perturbed_copy(model: torch.nn.Module, scale: float, seed: int) -> torch.nn.Module:
+    """A stand-in "quantized" model: a copy whose decoder matrices carry seeded relative noise."""
+    import copy
+
+    noisy = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in noisy.named_parameters():
+            if "layers" in name and p.ndim == 2:
+                p.add_(scale * p.abs().mean() * torch.randn(p.shape, generator=generator))
+    return noisy
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> torch.nn.Module:
     return make_tiny_llama()

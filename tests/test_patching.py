@@ -14,7 +14,7 @@ from qbreak.hooks import hooks
 from qbreak.nll import per_example_nll
 from qbreak.patching import Patch, build_patches, patching_table, upper_half
 from qbreak.passes import iter_batches
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, perturbed_copy
 from tests.test_kl import _examples
 from tests.test_residuals import capture
 
@@ -22,13 +22,7 @@ from tests.test_residuals import capture
 @pytest.fixture(scope="module")
 def pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     fp = make_tiny_llama(seed=5)
-    q = copy.deepcopy(fp)
-    g = torch.Generator().manual_seed(6)
-    with torch.no_grad():
-        for name, p in q.named_parameters():
-            if "layers" in name and p.ndim == 2:
-                p.add_(0.2 * p.abs().mean() * torch.randn(p.shape, generator=g))
-    return fp, q
+    return fp, perturbed_copy(fp, scale=0.2, seed=6)
 
 
 def _nll(table, site: str, label: str) -> np.ndarray:  # noqa: ANN001

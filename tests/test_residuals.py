@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import pyarrow as pa
@@ -15,20 +14,14 @@ from qbreak.lens import logit_lens, parse_layer_ranges, restore_table, with_rest
 from qbreak.nll import NLLStatistic, per_example_nll
 from qbreak.passes import iter_batches, run_pair_pass, run_pass
 from qbreak.residuals import AmplificationStatistic, ResidualStatistic, token_norm_kurtosis
-from tests.conftest import make_tiny_llama
+from tests.conftest import make_tiny_llama, perturbed_copy
 from tests.test_kl import _examples
 
 
 @pytest.fixture(scope="module")
 def pair() -> tuple[torch.nn.Module, torch.nn.Module]:
     fp = make_tiny_llama(seed=3)
-    q = copy.deepcopy(fp)
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for name, p in q.named_parameters():
-            if "layers" in name and p.ndim == 2:
-                p.add_(0.1 * p.abs().mean() * torch.randn(p.shape, generator=g))
-    return fp, q
+    return fp, perturbed_copy(fp, scale=0.1, seed=4)
 
 
 def capture(store: dict[str, torch.Tensor], key: str):  # noqa: ANN201
