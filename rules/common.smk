@@ -1,10 +1,12 @@
 # Config validation, wildcard constraints and input functions. No rules here.
 import re
 
+import yaml
+
 from snakemake.utils import validate
 
-from qbreak.config import check_config, load_schema
-from qbreak.models import BUNDLED_MODELS
+from qbreak.config import CALIBRATED_KINDS, check_config, load_schema
+from qbreak.models import BUNDLED_MODELS, model_parameters
 from qbreak.provenance import source_hash
 
 # One clear line naming the bad key first, then Snakemake's validation fills in the defaults.
@@ -33,6 +35,23 @@ if CORPUS in CALIBRATION:
     )
 
 
+# Job resources sized from the model: float32 (or runtime.dtype) weights in MB, from config.json
+# (an hf model not yet in the cache counts as the bundled 135M one until it is fetched).
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}[config["runtime"]["dtype"]]
+MODEL_MB = {
+    name: (model_parameters(spec) or 134_515_008) * _DTYPE_BYTES / 2**20
+    for name, spec in config["models"].items()
+}
+# One GPU per model-pass job when the passes run on CUDA (snakemake-executor-plugin-slurm: --gpus).
+GPU = 1 if str(config["runtime"]["device"]).startswith("cuda") else 0
+
+
+def mem_mb(copies, extra):
+    """mem_mb of a model job: `copies` of the model's weights plus `extra` MB (activations, logit
+    chunks, libraries; measured on the bundled model, peak RSS in benchmarks/)."""
+    return lambda wildcards: int(copies * MODEL_MB[wildcards.model] + extra)
+
+
 RESIDUAL_FIGURES = [
     "residual_norms",
     "norm_error_correlation",
@@ -40,6 +59,24 @@ RESIDUAL_FIGURES = [
     "amplification",
     "restore_layers",
 ]
+
+
+def figure_outputs(names, category):
+    """PNG (shown in the report, caption report/<name>.rst) and SVG of each figure, in that order."""
+    files = []
+    for name in names:
+        png = f"results/figures/{{model}}/{name}.png"
+        caption = f"../report/{name}.rst"
+        files += [flag_for_report(png, caption, category), png[:-3] + "svg"]
+    return files
+
+
+def flag_for_report(path, caption, category):
+    # Snakemake's report() flag; called through this helper because a line that starts with
+    # `report(` inside a function is parsed as the workflow's `report:` directive.
+    return globals()["report"](
+        path, caption=caption, category=category, subcategory="{model}"
+    )
 
 
 def _alternatives(names):
@@ -87,7 +124,14 @@ CODE = {
     "topk": source_hash(*MODEL_PASS, "kl", "jobs:fp_topk_job"),
     "errors": source_hash("errors_table", "io", *JOBS, "jobs:errors_job"),
     "analysis": source_hash(
-        "correlate", "selection", "breaking", "io", *JOBS, "jobs:analyze_errors_job"
+        "correlate",
+        "selection",
+        "breaking",
+        "report",
+        "io",
+        *JOBS,
+        "jobs:analyze_errors_job",
+        "jobs:markdown_page",
     ),
     "plots": source_hash("plots", "correlate", "io", *JOBS, "jobs:plot_errors_job"),
     "lens": source_hash(
@@ -103,13 +147,16 @@ CODE = {
         *MODEL_PASS, "patching", "jobs:patch_job", "jobs:_selected_examples"
     ),
     "patching_summary": source_hash(
-        "patching",
+        "patching_summary",
         "residual_plots",
         "plots",
+        "report",
         "io",
         *JOBS,
         "jobs:summarize_patching_job",
+        "jobs:markdown_page",
     ),
+    "report": source_hash("report", "io", *JOBS, "jobs:report_overview_job"),
     "residual_plots": source_hash(
         "residual_plots",
         "residual_analysis",
@@ -119,6 +166,11 @@ CODE = {
         "jobs:plot_residuals_job",
     ),
 }
+
+
+def config_text(wildcards):
+    """The configuration this run used, as YAML (shown on the report's overview page)."""
+    return yaml.safe_dump(config, sort_keys=False, allow_unicode=True)
 
 
 def model_spec(wildcards):
@@ -142,6 +194,10 @@ def method_kind(wildcards):
 
 
 def calibration_file(wildcards):
+    """The calibration split a method reads; none for data-free methods (RTN, NF, HQQ), so that new
+    examples do not requantize them."""
+    if config["methods"][wildcards.method]["kind"] not in CALIBRATED_KINDS:
+        return []
     source = config["methods"][wildcards.method].get("calibration")
     corpus = source["name"] if source else CORPUS
     return f"results/corpus/{corpus}/{wildcards.model}/calibration.arrow"
@@ -208,6 +264,7 @@ def get_final_output():
                 "results/analysis/{model}/breaking_examples.md",
                 "results/figures/{model}/error_correlations.png",
                 "results/figures/{model}/residual_norms.png",
+                "results/report/{model}/overview.html",
             ],
             model=MODELS,
         )

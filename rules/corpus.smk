@@ -9,7 +9,7 @@ rule make_examples:
     benchmark:
         "benchmarks/make_examples/{corpus}/{model}.tsv"
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/models.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -31,7 +31,7 @@ rule make_calibration:
     benchmark:
         "benchmarks/make_calibration/{calibration}/{model}.tsv"
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/models.yaml"
     threads: 1
     resources:
         mem_mb=2000,

@@ -9,7 +9,7 @@ rule collect_errors:
     benchmark:
         "benchmarks/collect_errors/{model}.tsv"
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/models.yaml"
     threads: 1
     resources:
         mem_mb=1000,

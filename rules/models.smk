@@ -6,10 +6,10 @@ rule fetch_model:
     benchmark:
         "benchmarks/fetch_model/{model}.tsv"
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/models.yaml"
     threads: 2
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb(2, 3000),
     params:
         spec=model_spec,
         code=CODE["models"],

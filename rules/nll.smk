@@ -16,11 +16,12 @@ rule score_fp:
     benchmark:
         "benchmarks/score_fp/{model}.tsv"
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/models.yaml"
     # Scaled down to --cores; one model pass at a time uses every core without oversubscribing.
     threads: 8
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb(1, 3500),
+        gpu=GPU,
     params:
         runtime=config["runtime"],
         trust_remote_code=trust_remote_code,
@@ -46,10 +47,11 @@ rule compare_to_fp:
     wildcard_constraints:
         method=_alternatives(QUANTIZED) or "(?!)",
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/models.yaml"
     threads: 8
     resources:
-        mem_mb=8000,
+        mem_mb=mem_mb(2, 7000),
+        gpu=GPU,
     params:
         runtime=config["runtime"],
         topk=config["kl"]["topk"],
@@ -70,10 +72,11 @@ rule store_fp_topk:
     benchmark:
         "benchmarks/store_fp_topk/{model}.tsv"
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/models.yaml"
     threads: 8
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb(1, 3500),
+        gpu=GPU,
     params:
         runtime=config["runtime"],
         topk=config["kl"]["topk"],

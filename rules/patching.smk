@@ -16,10 +16,11 @@ rule patch_activations:
     wildcard_constraints:
         method=_alternatives(QUANTIZED) or "(?!)",
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/models.yaml"
     threads: 8
     resources:
-        mem_mb=8000,
+        mem_mb=mem_mb(2, 7000),
+        gpu=GPU,
     params:
         runtime=config["runtime"],
         settings=config["patching"],
@@ -38,16 +39,32 @@ rule summarize_patching:
     output:
         table="results/analysis/{model}/patching_table.arrow",
         markdown="results/analysis/{model}/patching_table.md",
-        sites_png="results/figures/{model}/patching_sites.png",
+        html=report(
+            "results/analysis/{model}/patching_table.html",
+            caption="../report/patching_table.rst",
+            category="4. Activation patching",
+            subcategory="{model}",
+        ),
+        sites_png=report(
+            "results/figures/{model}/patching_sites.png",
+            caption="../report/patching_sites.rst",
+            category="4. Activation patching",
+            subcategory="{model}",
+        ),
         sites_svg="results/figures/{model}/patching_sites.svg",
-        sweep_png="results/figures/{model}/patching_sweep.png",
+        sweep_png=report(
+            "results/figures/{model}/patching_sweep.png",
+            caption="../report/patching_sweep.rst",
+            category="4. Activation patching",
+            subcategory="{model}",
+        ),
         sweep_svg="results/figures/{model}/patching_sweep.svg",
     log:
         "logs/summarize_patching/{model}.log",
     benchmark:
         "benchmarks/summarize_patching/{model}.tsv"
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/analysis.yaml"
     threads: 1
     resources:
         mem_mb=2000,

@@ -11,11 +11,12 @@ rule quantize_model:
     wildcard_constraints:
         method=_alternatives(QUANTIZED),
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/models.yaml"
     # Scaled down to --cores: a quantization job uses every core, never sharing them.
     threads: 8
     resources:
-        mem_mb=6000,
+        mem_mb=mem_mb(3, 4400),
+        gpu=GPU,
     params:
         entry=method_entry,
         device=config["runtime"]["device"],

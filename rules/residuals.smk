@@ -14,10 +14,11 @@ rule logit_lens:
     benchmark:
         "benchmarks/logit_lens/{model}/{method}.tsv"
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/models.yaml"
     threads: 8
     resources:
-        mem_mb=4000,
+        mem_mb=mem_mb(1, 3500),
+        gpu=GPU,
     params:
         runtime=config["runtime"],
         layers=config["residuals"]["lens_layers"],
@@ -42,10 +43,11 @@ rule restore_layers:
     wildcard_constraints:
         method=_alternatives(QUANTIZED) or "(?!)",
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/models.yaml"
     threads: 8
     resources:
-        mem_mb=6000,
+        mem_mb=mem_mb(2, 5000),
+        gpu=GPU,
     params:
         runtime=config["runtime"],
         ranges=config["residuals"]["restore_ranges"],
@@ -70,7 +72,7 @@ rule analyze_residuals:
     benchmark:
         "benchmarks/analyze_residuals/{model}.tsv"
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/analysis.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -92,17 +94,13 @@ rule plot_residuals:
         logit_lens="results/analysis/{model}/logit_lens.arrow",
         restore_layers="results/analysis/{model}/restore_layers.arrow",
     output:
-        expand(
-            "results/figures/{{model}}/{name}.{ext}",
-            name=RESIDUAL_FIGURES,
-            ext=["png", "svg"],
-        ),
+        figure_outputs(RESIDUAL_FIGURES, "3. Residual stream"),
     log:
         "logs/plot_residuals/{model}.log",
     benchmark:
         "benchmarks/plot_residuals/{model}.tsv"
     conda:
-        "../envs/qbreak.yaml"
+        "../envs/analysis.yaml"
     threads: 1
     resources:
         mem_mb=2000,

@@ -92,12 +92,23 @@ def tiny_workflow_config(model_dir: Path) -> dict:
 
 
 def run_snakemake(
-    workdir: Path, *args: str, check: bool = True, configfile: str = "config.yaml"
+    workdir: Path, *args: str, check: bool = True, configfile: str = "config.yaml",
+    env: dict[str, str] | None = None, timeout: float = 1800,
 ) -> subprocess.CompletedProcess[str]:
     """Run the repository's real Snakefile in `workdir` (which holds `configfile`)."""
     cmd = [str(SNAKEMAKE), "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
            "--configfile", str(workdir / configfile), *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_run(bundled_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real Snakefile run once on the tiny config, shared by the workflow, reliability and SLURM tests
+    (which only read it, or leave it up to date)."""
+    workdir = tmp_path_factory.mktemp("workflow")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_workflow_config(bundled_model_dir)))
+    run_snakemake(workdir, "--cores", "2")
+    return workdir

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -57,6 +58,14 @@ def test_paper_config_builds_its_dag(tmp_path: Path) -> None:
     proc = run_snakemake(tmp_path, "-n", "--cores", "1")
     for rule in ("fetch_model", "score_fp", "compare_to_fp", "analyze_errors", "analyze_residuals", "patch_activations"):
         assert rule in proc.stdout, rule
+    # model jobs are sized from the model (bf16 weights, two copies side by side) and ask for a GPU (cuda)
+    jobs = proc.stdout.split("\n\n")
+    compare_70b = next(j for j in jobs if "rule compare_to_fp:" in j and "model=llama-3-70b" in j)
+    mem = int(re.search(r"mem_mb=(\d+)", compare_70b).group(1))
+    assert 2 * 70553706496 * 2 / 2**20 < mem < 2 * 70553706496 * 2 / 2**20 + 10_000
+    assert "gpu=1" in compare_70b
+    analysis = next(j for j in jobs if "rule analyze_errors:" in j)
+    assert "gpu=" not in analysis and "mem_mb=2000" in analysis
 
 
 def nll_table() -> pa.Table:

@@ -101,3 +101,18 @@ def test_hf_source_reads_a_prefilled_cache_offline(tmp_path: Path, monkeypatch: 
 
     with pytest.raises(QbreakError, match="models.other.hf: acme/other@main is not in the Hugging Face cache"):
         fetch_model("other", {"hf": "acme/other", "revision": "main"}, tmp_path / "out2")
+
+
+def test_parameter_count_from_config_matches_the_model(tmp_path: Path) -> None:
+    """Job memory is sized from config.json alone; the count must be the model's own."""
+    from qbreak.models import model_parameters, parameter_count
+
+    model = make_tiny_llama()
+    n = sum(p.numel() for p in model.parameters())
+    assert parameter_count(model.config.to_dict()) == n
+    tied = model.config.to_dict() | {"tie_word_embeddings": True}  # the tiny model is untied, SmolLM2 tied
+    assert parameter_count(tied) == n - model.config.vocab_size * model.config.hidden_size
+    model.save_pretrained(tmp_path)
+    assert model_parameters({"path": str(tmp_path)}) == n
+    assert model_parameters({"path": str(tmp_path), "parameters": 7}) == 7
+    assert model_parameters({"path": str(tmp_path / "absent")}) is None

@@ -141,3 +141,10 @@ def test_unknown_kind_names_the_key(tmp_path) -> None:
 
     with pytest.raises(QbreakError, match="methods.x.kind: unknown kind 'awk'"):
         quantize_model("x", {"kind": "awk", "bits": 4, "group_size": 64}, tmp_path, tmp_path / "c.arrow", tmp_path / "o")
+
+
+def test_calibrated_kinds_of_the_workflow_match_the_quantizers() -> None:
+    """The Snakefile wires calibration inputs from config.CALIBRATED_KINDS (torch-free): it must agree."""
+    from qbreak.config import CALIBRATED_KINDS
+
+    assert CALIBRATED_KINDS == {kind for kind, quantizer in METHODS.items() if quantizer.needs_calibration}

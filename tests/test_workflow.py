@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -33,17 +34,9 @@ from qbreak.io import (
     read_table,
     table_metadata,
 )
-from tests.conftest import run_snakemake, tiny_workflow_config
+from tests.conftest import REPO, SNAKEMAKE, run_snakemake
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def tiny_run(bundled_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    workdir = tmp_path_factory.mktemp("workflow")
-    (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_workflow_config(bundled_model_dir)))
-    run_snakemake(workdir, "--cores", "2")
-    return workdir
 
 
 def test_examples_table(tiny_run: Path) -> None:
@@ -130,11 +123,47 @@ def test_editing_one_method_reruns_only_its_branch(tiny_run: Path) -> None:
         "plot_residuals": 1,
         "patch_activations": 1,
         "summarize_patching": 1,
+        "report_overview": 1,
     }
     outputs = [line for line in proc.stdout.splitlines() if line.strip().startswith("output:")]
     for other in ("gptq-w3-g64", "rtn-w3-g64"):
         assert not [line for line in outputs if f"models/smollm2-135m/{other}" in line or f"kl/smollm2-135m/{other}" in line]
     assert [line for line in outputs if "kl/smollm2-135m/nf4-g64.arrow" in line]
+
+
+def test_more_examples_rerun_everything_downstream_of_the_examples(tiny_run: Path) -> None:
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    config["corpus"]["n_examples"] += 2
+    (tiny_run / "more.yaml").write_text(yaml.safe_dump(config))
+    counts = job_counts(run_snakemake(tiny_run, "-n", "--cores", "2", configfile="more.yaml").stdout)
+    assert "fetch_model" not in counts  # upstream of the examples
+    assert counts["make_examples"] == 1 and counts["score_fp"] == 1
+    assert "quantize_model" not in counts  # RTN/NF are data-free, GPTQ calibrates on its own corpus
+    assert counts["compare_to_fp"] == len(config["methods"]) and counts["patch_activations"] == 1
+    assert counts["report_overview"] == 1
+
+
+def test_editing_one_stage_code_reruns_that_stage(tiny_run: Path, tmp_path: Path) -> None:
+    """A copy of the repository whose logit-lens code differs: only the lens jobs and what reads them rerun."""
+    import os
+    import shutil
+
+    copy = tmp_path / "repo"
+    copy.mkdir()
+    for part in ("Snakefile", "rules", "schemas", "report", "workflow_scripts", "envs", "profiles", "src"):
+        (shutil.copytree if (REPO / part).is_dir() else shutil.copy)(REPO / part, copy / part)
+    lens = copy / "src" / "qbreak" / "lens.py"
+    lens.write_text(lens.read_text() + "\n\ndef _edited() -> int:\n    return 1\n")
+    cmd_env = {**os.environ, "PYTHONPATH": str(copy / "src")}
+    proc = subprocess.run(
+        [str(SNAKEMAKE), "-n", "--cores", "2", "--snakefile", str(copy / "Snakefile"), "--directory", str(tiny_run),
+         "--configfile", str(tiny_run / "config.yaml")],
+        capture_output=True, text=True, env=cmd_env, check=True,
+    )
+    assert job_counts(proc.stdout) == {
+        "all": 1, "logit_lens": 4, "restore_layers": 3, "analyze_residuals": 1, "plot_residuals": 1,
+        "report_overview": 1,
+    }
 
 
 def test_kl_tables(tiny_run: Path) -> None:
@@ -248,3 +277,65 @@ def test_patching_outputs(tiny_run: Path) -> None:
     assert "| quantized |" in markdown and "| gate_input | 15-29 |" in markdown
     for name in ("patching_sites", "patching_sweep"):
         assert (results / "figures" / "smollm2-135m" / f"{name}.svg").stat().st_size > 1000
+
+
+REPORTED_FIGURES = [
+    "error_correlations", "error_scatter", "error_distributions", "residual_norms", "norm_error_correlation",
+    "logit_lens", "amplification", "restore_layers", "patching_sites", "patching_sweep",
+]
+
+
+def test_report_collects_every_figure_and_page_and_renders(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    import matplotlib.image
+
+    run_snakemake(tiny_run, "--report", "results/report.html")
+    report = (tiny_run / "results" / "report.html").read_text()
+    for name in [*(f"{f}.png" for f in REPORTED_FIGURES), "overview.html", "breaking_examples.html",
+                 "patching_table.html"]:
+        assert name in report, name
+    assert "qbreak: which inputs does low-bit weight-only quantization break" in report
+    overview = (tiny_run / "results" / "report" / "smollm2-135m" / "overview.html").read_text()
+    assert "<table>" in overview and "Configuration used" in overview and "rtn-w3-g64" in overview
+    assert "<h2>" in (tiny_run / "results" / "analysis" / "smollm2-135m" / "breaking_examples.html").read_text()
+    # it renders: headless Chromium (Debian's chromium, installed by .ci/run) takes a screenshot
+    chromium = shutil.which("chromium")
+    assert chromium, "chromium is not installed (apt-get install chromium; .ci/run does)"
+    shot = tmp_path / "report.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=1280,900", "--virtual-time-budget=5000", f"--screenshot={shot}",
+         (tiny_run / "results" / "report.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[:2] == (900, 1280) and pixels[..., :3].std() > 0.05  # not a blank page
+
+
+def test_analysis_rules_run_without_torch_and_reproduce_their_outputs(tiny_run: Path, tmp_path: Path) -> None:
+    """The rules of envs/analysis.yaml rerun with torch unimportable, giving byte-identical outputs."""
+    import os
+
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('torch', 'transformers', 'llmcompressor', 'hqq', 'bitsandbytes'):\n"
+        "    sys.modules[name] = None\n"
+    )
+    results = tiny_run / "results"
+    outputs = sorted(p for folder in ("analysis", "figures", "report") for p in (results / folder).rglob("*") if p.is_file())
+    assert len(outputs) > 30
+    before = {p: p.read_bytes() for p in outputs}
+    env = {**os.environ, "PYTHONPATH": str(blocker)}
+    torch_free = ["plot_errors", "analyze_residuals", "plot_residuals", "summarize_patching", "report_overview"]
+    proc = run_snakemake(tiny_run, "--cores", "2", "--forcerun", *torch_free, env=env)
+    assert all(f"rule {name}:" in proc.stdout + proc.stderr for name in torch_free)
+    # analyze_errors alone (its downstream model passes need torch), then bring the rest up to date
+    run_snakemake(tiny_run, "--cores", "2", "--forcerun", "analyze_errors", "--until", "analyze_errors", env=env)
+    run_snakemake(tiny_run, "--cores", "1", "--touch")
+    assert {p: p.read_bytes() for p in outputs} == before
+    proc = run_snakemake(tiny_run, "-n", "--cores", "2")
+    assert "Nothing to be done" in proc.stdout + proc.stderr

@@ -19,5 +19,6 @@ run_job(
     overlap=snakemake.output.overlap,  # noqa: F821
     selection=snakemake.output.selection,  # noqa: F821
     breaking=snakemake.output.breaking,  # noqa: F821
+    breaking_html=snakemake.output.breaking_html,  # noqa: F821
     note=snakemake.params.note,  # noqa: F821
 )

@@ -12,7 +12,7 @@ run_job(
     method=snakemake.wildcards.method,  # noqa: F821
     entry=dict(snakemake.params.entry),  # noqa: F821
     model_dir=snakemake.input.model,  # noqa: F821
-    calibration=snakemake.input.calibration,  # noqa: F821
+    calibration=snakemake.input.get("calibration") or None,  # noqa: F821 (none for data-free methods)
     output=snakemake.output[0],  # noqa: F821
     device=snakemake.params.device,  # noqa: F821
 )

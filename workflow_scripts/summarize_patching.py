@@ -16,6 +16,7 @@ run_job(
     selection=snakemake.input.selection,  # noqa: F821
     table=out.table,
     markdown=out.markdown,
+    html=out.html,
     figures={
         "patching_sites": {"png": out.sites_png, "svg": out.sites_svg},
         "patching_sweep": {"png": out.sweep_png, "svg": out.sweep_svg},

@@ -16,6 +16,10 @@ import yaml
 
 from qbreak.errors import QbreakError
 
+# Method kinds that read calibration data (the quantizers' `needs_calibration`, kept here without torch
+# so the Snakefile can wire inputs; a test checks the two agree).
+CALIBRATED_KINDS = frozenset({"gptq", "awq"})
+
 
 def _key(path: Any) -> str:
     return ".".join(str(p) for p in path) or "<top level>"

@@ -80,19 +80,25 @@ def _fsync_dir(path: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success fsync it and rename it onto `path`.
+    """Yield a temporary path beside `path`; on success fsync it (every file of a folder) and rename it
+    onto `path`.
 
     Works for files and folders. On error the temporary path is removed and `path` is untouched.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a writer killed mid-write (kill -9, node failure): one writer per output at a time
+    # (Snakemake's lock), so any older temporary of this output is garbage.
+    for stale in final.parent.glob(f".{final.name}.tmp-*"):
+        _remove(stale)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    _remove(tmp)
     try:
         yield tmp
-        if tmp.is_file():
-            with open(tmp, "rb") as f:
+        for written in [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file()]:
+            with open(written, "rb") as f:
                 os.fsync(f.fileno())
+        if tmp.is_dir():
+            _fsync_dir(tmp)
         _remove(final)
         os.replace(tmp, final)
         _fsync_dir(final.parent)

@@ -187,9 +187,10 @@ def fp_topk_job(
 
 
 def quantize_job(
-    method: str, entry: Mapping[str, Any], model_dir: str, calibration: str, output: str, device: str = "cpu"
+    method: str, entry: Mapping[str, Any], model_dir: str, calibration: str | None, output: str, device: str = "cpu"
 ) -> None:
-    """Quantize the FP model with config entry methods.<method> into `output`."""
+    """Quantize the FP model with config entry methods.<method> into `output` (calibration: None for
+    data-free methods)."""
     from qbreak.quantize.run import quantize_model
 
     quantize_model(method, entry, model_dir, calibration, output, device=device)
@@ -213,7 +214,8 @@ def errors_job(fp: str, nll: Mapping[str, str], methods: Mapping[str, Mapping[st
 
 def analyze_errors_job(
     model_name: str, errors: str, kl: Mapping[str, str], examples: str, analysis: Mapping[str, Any],
-    correlations: str, summary: str, overlap: str, selection: str, breaking: str, note: str | None = None,
+    correlations: str, summary: str, overlap: str, selection: str, breaking: str, breaking_html: str,
+    note: str | None = None,
 ) -> None:
     """Correlations, top-set overlap, D_large/D_ctrl and breaking_examples.md of one model."""
     from qbreak.breaking import breaking_examples_markdown
@@ -254,6 +256,7 @@ def analyze_errors_job(
     )
     with atomic_path(breaking) as tmp:
         tmp.write_text(markdown)
+    markdown_page(breaking, breaking_html, f"Inputs that quantization breaks: {model_name}")
     cross = [r for r in summary_table(corr, top, model_name).to_pylist() if r["group"] == "cross_family"]
     if cross and cross[0]["mean_pearson"] is not None:
         log.info("cross-family mean Pearson r %.3f over %d pairs", cross[0]["mean_pearson"], cross[0]["n_pairs"])
@@ -454,11 +457,11 @@ def patch_job(
 
 def summarize_patching_job(
     model_name: str, patching: Mapping[str, str], nll_fp: str, selection: str, table: str, markdown: str,
-    figures: Mapping[str, Mapping[str, str]], note: str | None = None,
+    html: str, figures: Mapping[str, Mapping[str, str]], note: str | None = None,
 ) -> None:
     """The Table-4 layout (Arrow and markdown) and the patching figures of one model."""
     from qbreak.io import PATCH_SUMMARY_SCHEMA, PATCHING_SCHEMA, SELECTION_SCHEMA, atomic_path
-    from qbreak.patching import patching_markdown, patching_summary
+    from qbreak.patching_summary import patching_markdown, patching_summary
     from qbreak.plots import save_figure
     from qbreak.residual_plots import patching_bars, patching_sweep
 
@@ -467,5 +470,44 @@ def summarize_patching_job(
     write_table(summary, table, PATCH_SUMMARY_SCHEMA, {"model": model_name})
     with atomic_path(markdown) as tmp:
         tmp.write_text(patching_markdown(summary, model_name, note))
+    markdown_page(markdown, html, f"FP → quantized activation patching: {model_name}")
     save_figure(patching_bars(summary, model_name), figures["patching_sites"]["png"], figures["patching_sites"]["svg"])
     save_figure(patching_sweep(summary, model_name), figures["patching_sweep"]["png"], figures["patching_sweep"]["svg"])
+
+
+
+def markdown_page(source: str, output: str, title: str) -> None:
+    """Render the markdown file `source` as a standalone HTML page at `output` (for the report)."""
+    from qbreak.io import atomic_path
+    from qbreak.report import html_page
+
+    with atomic_path(output) as tmp:
+        tmp.write_text(html_page(title, Path(source).read_text()))
+
+
+def report_overview_job(
+    model_name: str, quantized: Mapping[str, str], tables: Mapping[str, str], config_text: str, overview: str,
+    note: str | None = None,
+) -> None:
+    """results/report/{model}/overview.html: caveat, quantization metadata, summary tables, config used."""
+    import json
+
+    from qbreak.io import CORRELATION_SUMMARY_SCHEMA, PREDICTOR_SCHEMA, RESTORE_SUMMARY_SCHEMA, atomic_path
+    from qbreak.report import html_page, overview_markdown
+
+    schemas = {
+        "correlation_summary": CORRELATION_SUMMARY_SCHEMA,
+        "predictor": PREDICTOR_SCHEMA,
+        "restore_layers": RESTORE_SUMMARY_SCHEMA,
+    }
+    quant = {}
+    for name, folder in quantized.items():
+        path = Path(folder) / "quant.json"
+        try:
+            quant[name] = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise QbreakError(f"{path}: not readable quantization metadata ({exc})") from None
+    read = {name: read_table(path, schemas[name]) for name, path in tables.items()}
+    page = html_page(f"qbreak: {model_name}", overview_markdown(model_name, note, quant, read, config_text))
+    with atomic_path(overview) as tmp:
+        tmp.write_text(page)

@@ -18,14 +18,15 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from qbreak import __version__
 from qbreak.errors import QbreakError
 from qbreak.io import atomic_path
 from qbreak.provenance import package_version
+
+if TYPE_CHECKING:  # torch is imported where a model is built: the Snakefile imports this module
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ BUNDLED_MODELS = {
             "The bundled SmolLM2-135M was shipped with 4-bit (Q4_1) weights: its 'full precision' reference "
             "already sits on a 4-bit grid, so the errors of 4-bit methods are understated."
         ),
+        "parameters": 134_515_008,
     }
 }
 # Files a Hugging Face model folder needs besides its weights; anything else (pickles, ONNX, ...) is skipped.
@@ -137,6 +139,7 @@ def _fetch_hf(name: str, spec: Mapping[str, Any], dest: Path) -> dict[str, Any]:
 
 
 def _fetch_bundled(name: str, bundled: str, dest: Path) -> dict[str, Any]:
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if bundled not in BUNDLED_MODELS:
@@ -174,19 +177,56 @@ def _fetch_bundled(name: str, bundled: str, dest: Path) -> dict[str, Any]:
     }
 
 
+def parameter_count(config: Mapping[str, Any]) -> int:
+    """Parameters of a Llama-style decoder from its config.json (embeddings, layers, norms, untied head)."""
+    hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    attention = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim
+    mlp = 3 * hidden * config["intermediate_size"]
+    head = 0 if config.get("tie_word_embeddings", False) else vocab * hidden
+    return vocab * hidden + layers * (attention + mlp + 2 * hidden) + hidden + head
+
+
+def model_parameters(spec: Mapping[str, Any]) -> int | None:
+    """Parameter count of config entry models.<name> without loading it: its `parameters` key, else
+    from config.json; None when that is not on this machine yet (an hf model not in the cache).
+    Sizes the jobs' memory requests."""
+    if spec.get("parameters"):
+        return int(spec["parameters"])
+    if spec.get("bundled") in BUNDLED_MODELS:
+        return int(BUNDLED_MODELS[spec["bundled"]]["parameters"])
+    config_file: str | None = None
+    if spec.get("path"):
+        config_file = str(Path(spec["path"]) / "config.json")
+    elif spec.get("hf"):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        found = try_to_load_from_cache(spec["hf"], "config.json", revision=spec.get("revision"))
+        config_file = found if isinstance(found, str) else None
+    try:
+        return parameter_count(json.loads(Path(config_file).read_text())) if config_file else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_model(
     folder: str | os.PathLike[str],
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str = "cpu",
     trust_remote_code: bool = False,
 ) -> torch.nn.Module:
-    """Load a causal LM from a qbreak model folder (safetensors only), in eval mode."""
+    """Load a causal LM from a qbreak model folder (safetensors only), in eval mode (float32 by default)."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
     validate_model_folder(folder, str(folder))
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        folder, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
     )
     return model.to(device).eval()
 

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
-
-import torch
+from typing import TYPE_CHECKING
 
 from qbreak.errors import QbreakError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def configure(threads: int, seed: int | None = None) -> None:
-    """Set torch's thread count to the threads a job was given (oversubscription costs 100×)."""
+    """Set torch's thread count to the threads a job was given (oversubscription costs 100×).
+
+    Analysis jobs run without torch (envs/analysis.yaml); there only logging is set up.
+    """
+    if importlib.util.find_spec("torch") is not None:
+        _configure_torch(threads, seed)
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _configure_torch(threads: int, seed: int | None) -> None:
+    import torch
+
     torch.set_num_threads(max(1, int(threads)))
     try:
         torch.set_num_interop_threads(1)
@@ -21,9 +37,6 @@ def configure(threads: int, seed: int | None = None) -> None:
         pass
     if seed is not None:
         torch.manual_seed(seed)
-    logging.basicConfig(
-        stream=sys.stderr, level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:
@@ -32,4 +45,6 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
         raise QbreakError(f"config key runtime.dtype: expected one of {sorted(DTYPES)}, got {name!r}")
     if device == "cpu" and name != "float32":
         raise QbreakError(f"config key runtime.dtype: {name} is for GPUs (slower on CPU); use float32 on cpu")
-    return DTYPES[name]
+    import torch
+
+    return getattr(torch, name)

@@ -44,7 +44,7 @@ def _versions() -> dict[str, str]:
 
 
 def quantize_model(
-    name: str, entry: Mapping[str, Any], fp_dir: str | Path, calibration: str | Path, output: str | Path,
+    name: str, entry: Mapping[str, Any], fp_dir: str | Path, calibration: str | Path | None, output: str | Path,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Quantize the FP model with config entry methods.<name>; write the folder atomically; return quant.json."""
@@ -54,6 +54,8 @@ def quantize_model(
     quantizer = METHODS[config.kind]()
     model = load_model(fp_dir, dtype=torch.float32, device=device)
     check_method(config, quantizer, model)
+    if quantizer.needs_calibration and calibration is None:
+        raise QbreakError(f"config key methods.{name}: {config.kind} needs calibration data, none was given")
     calib = calibration_tensor(calibration, config) if quantizer.needs_calibration else None
     torch.manual_seed(config.seed)
     start = time.perf_counter()
