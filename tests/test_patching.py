@@ -72,6 +72,9 @@ def test_fast_sweep_equals_naive(pair: tuple[torch.nn.Module, torch.nn.Module], 
     unpatched = _nll(fast, "none", "none")
     for label in ("0", "1", "1-1"):
         assert np.abs(_nll(fast, site, label) - unpatched).max() > 1e-6, label  # every patch changes something
+    alone = patching_table(fp, q, examples, "tiny", "q", [patches[-1]], batch_size=3, fast=False)  # no "none"
+    np.testing.assert_allclose(alone.column("nll").to_numpy(), _nll(fast, patches[-1].site, patches[-1].label),
+                               atol=1e-5)
 
 
 def test_gate_weights_restore_and_gate_input(pair: tuple[torch.nn.Module, torch.nn.Module]) -> None:
