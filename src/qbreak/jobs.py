@@ -475,7 +475,6 @@ def summarize_patching_job(
     save_figure(patching_sweep(summary, model_name), figures["patching_sweep"]["png"], figures["patching_sweep"]["svg"])
 
 
-
 def markdown_page(source: str, output: str, title: str) -> None:
     """Render the markdown file `source` as a standalone HTML page at `output` (for the report)."""
     from qbreak.io import atomic_path
