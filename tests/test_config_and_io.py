@@ -20,7 +20,7 @@ SCHEMA = load_schema(REPO / "schemas" / "config.schema.yaml")
 DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
 
 
-@pytest.mark.parametrize("path", ["config.yaml", "tests/workflow/config.yaml", "config/paper.yaml"])
+@pytest.mark.parametrize("path", ["config.yaml", "tests/workflow/config.yaml", "config/paper.yaml", "config/bundled-full.yaml"])
 def test_shipped_configs_are_valid(path: str) -> None:
     check_config(yaml.safe_load((REPO / path).read_text()), SCHEMA)
 

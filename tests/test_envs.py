@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import BLOCK_MODEL_LIBRARIES
+
 REPO = Path(__file__).resolve().parents[1]
 ENVS = REPO / "envs"
 
@@ -70,10 +72,7 @@ def test_analysis_modules_import_without_torch() -> None:
     import subprocess
     import sys
 
-    code = (
-        "import sys\n"
-        "for name in ('torch', 'transformers', 'llmcompressor', 'hqq', 'bitsandbytes', 'safetensors'):\n"
-        "    sys.modules[name] = None\n"
+    code = BLOCK_MODEL_LIBRARIES + (
         "import qbreak.config, qbreak.models, qbreak.provenance, qbreak.jobs, qbreak.report\n"
         "import qbreak.correlate, qbreak.selection, qbreak.breaking, qbreak.plots\n"
         "import qbreak.residual_analysis, qbreak.residual_plots, qbreak.patching_summary\n"

@@ -124,3 +124,21 @@ def test_topk_must_be_positive(models: tuple[torch.nn.Module, torch.nn.Module]) 
     fp, q = models
     with pytest.raises(QbreakError, match="kl.topk"):
         compare_to_fp(fp, q, _examples(), "tiny", "noisy", topk=0)
+
+
+def test_online_head_divergences_equal_the_full_logit_path() -> None:
+    from qbreak.kl import head_divergences, token_divergences
+
+    g = torch.Generator().manual_seed(5)
+    head_fp, head_q = torch.nn.Linear(16, 101), torch.nn.Linear(16, 101)
+    with torch.no_grad():
+        head_fp.weight.copy_(3 * torch.randn(101, 16, generator=g))
+        head_q.weight.copy_(head_fp.weight + 0.3 * torch.randn(101, 16, generator=g))
+    states_fp, states_q = torch.randn(23, 16, generator=g), torch.randn(23, 16, generator=g)
+    targets = torch.randint(0, 101, (23,), generator=g)
+    full = token_divergences(head_fp(states_fp).detach(), head_q(states_q).detach(), targets, topk=8)
+    # Blocks smaller than k, not dividing the vocabulary, and one block for everything.
+    for block in (3, 7, 40, 101, 4096):
+        online = head_divergences(states_fp, head_fp, states_q, head_q, targets, topk=8, vocab_block=block)
+        for name, value in full.items():
+            torch.testing.assert_close(online[name].double(), value.double(), atol=2e-5, rtol=1e-5, msg=name)

@@ -80,6 +80,15 @@ def test_chunked_nll_equals_full_log_softmax() -> None:
     full = -torch.log_softmax(hidden @ weight.T + bias, dim=-1).gather(1, targets[:, None]).squeeze(1)
     for chunk in (1, 5, 37, 1000):
         torch.testing.assert_close(token_nll(hidden, weight, targets, bias, chunk), full, atol=1e-5, rtol=0)
+    # The online log-sum-exp over vocabulary blocks: any block size, a last block shorter than the rest.
+    for block in (1, 7, 50, 101, 4096):
+        torch.testing.assert_close(token_nll(hidden, weight, targets, bias, 16, block), full, atol=1e-5, rtol=0)
+    # Large logits (a peaked distribution) must not overflow the running sum.
+    torch.testing.assert_close(
+        token_nll(hidden * 40, weight, targets, bias, 16, 7),
+        -torch.log_softmax(hidden * 40 @ weight.T + bias, dim=-1).gather(1, targets[:, None]).squeeze(1),
+        atol=1e-3, rtol=1e-5,
+    )
 
 
 def test_fallback_path_for_transformed_logits_matches_model_loss() -> None:

@@ -34,7 +34,7 @@ from qbreak.io import (
     read_table,
     table_metadata,
 )
-from tests.conftest import REPO, SNAKEMAKE, run_snakemake
+from tests.conftest import BLOCK_MODEL_LIBRARIES, REPO, SNAKEMAKE, run_snakemake
 
 pytestmark = pytest.mark.slow
 
@@ -321,10 +321,7 @@ def test_analysis_rules_run_without_torch_and_reproduce_their_outputs(tiny_run: 
 
     blocker = tmp_path / "no_torch"
     blocker.mkdir()
-    (blocker / "sitecustomize.py").write_text(
-        "import sys\nfor name in ('torch', 'transformers', 'llmcompressor', 'hqq', 'bitsandbytes'):\n"
-        "    sys.modules[name] = None\n"
-    )
+    (blocker / "sitecustomize.py").write_text(BLOCK_MODEL_LIBRARIES)
     results = tiny_run / "results"
     outputs = sorted(p for folder in ("analysis", "figures", "report") for p in (results / folder).rglob("*") if p.is_file())
     assert len(outputs) > 30

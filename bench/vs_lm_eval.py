@@ -1,0 +1,130 @@
+"""qbreak vs lm-eval-harness on the same model and examples, side by side in one run.
+
+1. One NLL pass: tokens/s of qbreak's per-example NLL vs lm-eval's `loglikelihood_rolling` (HFLM,
+   prefix_token_id = qbreak's start token, so both score every document token given the start
+   token); the per-example NLLs must agree to ≤ 1e-4.
+2. The whole analysis of FP + M methods (NLL, KL both ways, residual norms and kurtosis, MLP
+   amplification): qbreak's fused passes (`score_fp` + one side-by-side `compare_to_fp` per method,
+   the statistics the workflow computes) vs the same statistics one stage at a time, as a user of
+   lm-eval plus hook scripts would run them: lm-eval NLL per model, a residual-statistics pass per
+   model, an FP + quantized KL pass per method, an amplification pass per method. Printed: forward
+   passes and seconds of both, and their ratios. The logit lens runs on D_large ∪ D_ctrl only in
+   qbreak (a separate, smaller stage) and is left out of both sides.
+
+Quantized models are RTN W3 / W4 built in-process (a real quantization; which method does not
+matter for speed). Bundled SmolLM2 (Q4_1 reference weights).
+
+    .venv/bin/python bench/vs_lm_eval.py --threads 2 --n-examples 32 --methods 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lm_eval_adapter import lm_eval_nll  # noqa: E402
+
+from qbreak.io import EXAMPLES_SCHEMA, read_table  # noqa: E402
+from qbreak.kl import CompareStatistic  # noqa: E402
+from qbreak.models import load_model, load_tokenizer  # noqa: E402
+from qbreak.nll import NLLStatistic, per_example_nll  # noqa: E402
+from qbreak.passes import iter_batches, run_pair_pass, run_pass  # noqa: E402
+from qbreak.quantize.base import replace_decoder_weights  # noqa: E402
+from qbreak.quantize.rtn import rtn_quantize_tensor  # noqa: E402
+from qbreak.residuals import AmplificationStatistic, ResidualStatistic  # noqa: E402
+
+
+def timed(fn):  # noqa: ANN001, ANN201
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def fused_analysis(fp, quantized, examples, batch_size: int) -> tuple[int, float]:  # noqa: ANN001
+    """qbreak's passes: FP once (NLL + residuals), then FP + each method side by side."""
+    start = time.perf_counter()
+    run_pass(fp, iter_batches(examples, batch_size), [NLLStatistic("m", "fp"), ResidualStatistic("m", "fp")])
+    for q in quantized:
+        run_pair_pass(
+            fp, q, iter_batches(examples, batch_size), [CompareStatistic("m", "q")],
+            fp_statistics=[AmplificationStatistic("m", "q", q)], q_statistics=[ResidualStatistic("m", "q")],
+        )
+    return 1 + 2 * len(quantized), time.perf_counter() - start
+
+
+def staged_analysis(fp, quantized, tokenizer, rows, examples, batch_size: int) -> tuple[int, float]:  # noqa: ANN001
+    """The same statistics one stage at a time: lm-eval NLL and a residual pass per model, a KL pass
+    (FP + quantized) and an amplification pass (FP, with the quantized MLPs) per method."""
+    start = time.perf_counter()
+    for model in (fp, *quantized):
+        lm_eval_nll(model, tokenizer, rows, batch_size)
+        run_pass(model, iter_batches(examples, batch_size), [ResidualStatistic("m", "x")])
+    for q in quantized:
+        run_pair_pass(fp, q, iter_batches(examples, batch_size), [CompareStatistic("m", "q")])
+        run_pass(fp, iter_batches(examples, batch_size), [AmplificationStatistic("m", "q", q)])
+    forwards = 2 * (1 + len(quantized)) + 3 * len(quantized)
+    return forwards, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="results/models/smollm2-135m/fp")
+    parser.add_argument("--examples", default="results/corpus/wikipedia-vital/smollm2-135m/examples.arrow")
+    parser.add_argument("--n-examples", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--methods", type=int, default=2, help="quantized models in the analysis comparison (1-2)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = load_model(Path(args.model))
+    tokenizer = load_tokenizer(args.model)
+    examples = read_table(args.examples, EXAMPLES_SCHEMA).slice(0, args.n_examples)
+    rows = examples.column("input_ids").to_pylist()
+    n_tokens = sum(len(r) for r in rows)
+    b = args.batch_size
+    lm_eval_nll(model, tokenizer, rows[:b], b)  # warm-up (and lm_eval's imports)
+    per_example_nll(model, examples.slice(0, b), "m", "fp", b)
+
+    # 1. One NLL pass, twice each, interleaved; the best of each.
+    times: dict[str, list[float]] = {"qbreak": [], "lm-eval": []}
+    for _ in range(2):
+        ours, seconds = timed(lambda: per_example_nll(model, examples, "m", "fp", b))
+        times["qbreak"].append(seconds)
+        theirs, seconds = timed(lambda: lm_eval_nll(model, tokenizer, rows, b))
+        times["lm-eval"].append(seconds)
+    diff = np.abs(ours.column("nll").to_numpy() - theirs).max()
+    best = {name: min(values) for name, values in times.items()}
+    print(f"threads {args.threads}, {args.n_examples} examples, {n_tokens} tokens, batch {b}")
+    print(f"{'one NLL pass':<28}{'seconds':>9}{'tokens/s':>10}")
+    for name, seconds in best.items():
+        print(f"{name:<28}{seconds:>9.2f}{n_tokens / seconds:>10.0f}")
+    print(f"qbreak / lm-eval tokens/s: {best['lm-eval'] / best['qbreak']:.2f}x; max |ΔNLL| = {diff:.2e}")
+
+    # 2. The whole analysis of FP + M methods.
+    quantized = []
+    for bits in (3, 4)[: args.methods]:
+        q = copy.deepcopy(model)
+        replace_decoder_weights(q, lambda w, bits=bits: rtn_quantize_tensor(w, bits, 64))
+        quantized.append(q)
+    fused_forwards, fused_seconds = fused_analysis(model, quantized, examples, b)
+    staged_forwards, staged_seconds = staged_analysis(model, quantized, tokenizer, rows, examples, b)
+    m = len(quantized)
+    print(f"\nanalysis of FP + {m} methods (NLL, KL, residual norms/kurtosis, amplification):")
+    print(f"{'':<28}{'forwards':>9}{'seconds':>9}")
+    print(f"{'qbreak fused passes':<28}{fused_forwards:>9}{fused_seconds:>9.1f}")
+    print(f"{'one stage at a time':<28}{staged_forwards:>9}{staged_seconds:>9.1f}")
+    print(f"qbreak / staged: forwards {fused_forwards / staged_forwards:.2f}, time {fused_seconds / staged_seconds:.2f} "
+          f"(both sides also run {m} amplification MLP passes; for M methods the forward ratio is "
+          f"(1 + 2M) / (2 + 5M) → 0.40)")
+
+
+if __name__ == "__main__":
+    main()
