@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qbreak-installed
 CORES ?= all
+# Another experiment: make run CONFIG=config/bundled-full.yaml (merged over config.yaml).
+CONFIG ?= config.yaml
 
 .PHONY: install run test lint clean
 
@@ -22,8 +24,8 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: install
-	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default
-	$(BIN)/snakemake --cores 1 --workflow-profile profiles/default --report results/report.html
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default --configfile $(CONFIG)
+	$(BIN)/snakemake --cores 1 --workflow-profile profiles/default --configfile $(CONFIG) --report results/report.html
 	@echo "qbreak: report at $(CURDIR)/results/report.html (figures, tables, breaking examples, config)"
 
 test: install

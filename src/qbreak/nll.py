@@ -36,7 +36,7 @@ def token_nll(
     """−log softmax(hidden · weightᵀ + bias)[target] per position, float32 [n].
 
     hidden [n, d_model], weight [vocab, d_model], targets [n] int64. The log-sum-exp runs online
-    over blocks of `vocab_block` rows of the head (a running max and a rescaled sum), so a block of
+    over blocks of `vocab_block` rows of the head (each block's log-sum-exp folded into a running one), so a block of
     logits [chunk, vocab_block] stays in cache: the full [chunk, vocab] logits of one chunk are
     never written to memory and read back (on a 2-core CPU that traffic cost a quarter of the head;
     bench/nll_throughput.py).
