@@ -18,6 +18,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from qbreak.runtime import release_freed_memory
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -127,6 +129,8 @@ def run_pair_pass(
             q = ModelState(q_model, _forward(q_model, batch, q_statistics))
             for statistic in statistics:
                 statistic.update(batch, fp, q)
+            del fp, q
+            release_freed_memory()
 
 
 @torch.inference_mode()
@@ -140,6 +144,7 @@ def run_pass(model: torch.nn.Module, batches: Iterator[Batch], statistics: Seque
         _attached(model, statistics, stack)
         for batch in batches:
             _forward(model, batch, statistics)
+            release_freed_memory()
 
 
 class LayerRows:

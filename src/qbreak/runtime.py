@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from qbreak.errors import QbreakError
@@ -74,3 +77,24 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
     import torch
 
     return getattr(torch, name)
+
+
+@functools.cache
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return the heap's free pages to the OS (glibc malloc_trim); a no-op elsewhere.
+
+    Called once per batch by the model passes. Without it glibc's dynamic mmap threshold moves
+    the multi-MB activation buffers onto the heap, where small long-lived allocations (the
+    per-example results) pin the freed space: a residual-statistics pass grew ~100 MB per batch
+    (bench/memory_scaling.py: peak RSS 2.3x from 16 to 128 examples). Trimming keeps it flat.
+    """
+    trim = _libc_malloc_trim()
+    if trim is not None:
+        trim(0)
