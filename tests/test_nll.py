@@ -91,6 +91,19 @@ def test_chunked_nll_equals_full_log_softmax() -> None:
     )
 
 
+def test_online_nll_of_low_precision_heads_reuses_a_float32_buffer() -> None:
+    """bfloat16 states and head: logits computed in bfloat16, log-sum-exp in float32, as the full path."""
+    torch.manual_seed(1)
+    hidden, weight, bias = torch.randn(37, 16).bfloat16(), torch.randn(101, 16).bfloat16(), torch.randn(101).bfloat16()
+    targets = torch.randint(0, 101, (37,))
+    logits = torch.nn.functional.linear(hidden, weight, bias).float()
+    full = -torch.log_softmax(logits, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    for block in (7, 101):
+        result = token_nll(hidden, weight, targets, bias, 16, block)
+        assert result.dtype == torch.float32
+        torch.testing.assert_close(result, full, atol=1e-5, rtol=0)
+
+
 def test_fallback_path_for_transformed_logits_matches_model_loss() -> None:
     model = make_tiny_llama(seed=3)
     model.config.logit_scale = 0.5  # marks logits as transformed: NLL must come from model(...).logits

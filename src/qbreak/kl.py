@@ -26,6 +26,9 @@ from qbreak.io import KL_SCHEMA, NLL_SCHEMA, TOPK_SCHEMA
 from qbreak.nll import (
     DEFAULT_CHUNK_TOKENS,
     ScoredPositions,
+    block_buffer,
+    block_view,
+    chunk_slices,
     gather_block_targets,
     has_plain_lm_head,
     head_logits_block,
@@ -93,13 +96,15 @@ def head_divergences(
     states_* [n, d_model] (final normed hidden states of the scored positions). Per block b of the
     vocabulary, with block log-sum-exps a_b and in-block softmax weights, Σ_v p_v (z_p − z_q)_v is
     Σ_b e^(a_b − A) Σ_{v∈b} softmax_b(z_p)_v (z_p − z_q)_v: a running log-sum-exp and a rescaled
-    running sum per model, and P's top k merged block by block. Only [n, vocab_block] logits exist.
+    running sum per model, and P's top k merged block by block. Only three [n, vocab_block]
+    buffers exist, reused for every block (fresh multi-MB tensors per block fault their pages in).
     """
     n, vocab = states_fp.shape[0], head_fp.weight.shape[0]
     if head_q.weight.shape[0] != vocab:
         raise ValueError(f"vocabularies differ: {vocab} (FP) vs {head_q.weight.shape[0]} (quantized)")
     k = min(topk, vocab)
     device = states_fp.device
+    buffers = [block_buffer(n, vocab, vocab_block, device) for _ in range(3)]
     lse_fp = torch.full((n,), -torch.inf, dtype=torch.float64, device=device)
     lse_q = lse_fp.clone()
     mean_fp = torch.zeros(n, dtype=torch.float64, device=device)  # Σ p·(z_p − z_q) so far, over lse_fp
@@ -109,18 +114,19 @@ def head_divergences(
     top_q = top_fp.clone()  # Q's logits at those tokens
     for begin in range(0, vocab, vocab_block):
         block = slice(begin, min(begin + vocab_block, vocab))
-        logits_fp = head_logits_block(states_fp, head_fp.weight, head_fp.bias, block)  # [n, block]
-        logits_q = head_logits_block(states_q, head_q.weight, head_q.bias, block)
+        logits_fp, logits_q, diff = (block_view(buffer, n, block.stop - block.start) for buffer in buffers)
+        head_logits_block(states_fp, head_fp.weight, head_fp.bias, block, out=logits_fp)  # [n, block]
+        head_logits_block(states_q, head_q.weight, head_q.bias, block, out=logits_q)
         gather_block_targets(logits_q, targets, block, target_q)
-        diff = (logits_fp - logits_q).unsqueeze(-1)  # [n, block, 1]
-        mean_fp, lse_fp = _merge_block(mean_fp, lse_fp, logits_fp, diff)
-        mean_q, lse_q = _merge_block(mean_q, lse_q, logits_q, diff)
         values, index = logits_fp.topk(min(k, logits_fp.shape[1]), dim=-1)
         top_fp = torch.cat([top_fp, values], dim=1)
         top_q = torch.cat([top_q, logits_q.gather(1, index)], dim=1)
         if top_fp.shape[1] > k:
             top_fp, keep = top_fp.topk(k, dim=-1)
             top_q = top_q.gather(1, keep)
+        torch.sub(logits_fp, logits_q, out=diff)
+        mean_fp, lse_fp = _merge_block(mean_fp, lse_fp, logits_fp, diff)  # overwrites the logits
+        mean_q, lse_q = _merge_block(mean_q, lse_q, logits_q, diff)
     shift = lse_fp - lse_q
     return {
         "nll_q": lse_q - target_q.double(),
@@ -133,13 +139,19 @@ def head_divergences(
 def _merge_block(
     mean: torch.Tensor, lse: torch.Tensor, logits: torch.Tensor, diff: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold one block into (Σ softmax·diff, logsumexp), float64 [n]: logits [n, block], diff [n, block, 1].
+    """Fold one block into (Σ softmax·diff, logsumexp), float64 [n]: logits and diff [n, block].
 
-    The running values are float64: KL is a small difference of two large sums (Σ p·Δz and the
-    log-sum-exp shift), and float32 running sums lost ~1e-4 nats per token to it.
+    `logits` is overwritten with exp(logits − row max): one exp pass gives both the block's
+    log-sum-exp and its softmax-weighted sum of diff. The running values are float64: KL is a
+    small difference of two large sums (Σ p·Δz and the log-sum-exp shift), and float32 running
+    sums lost ~1e-4 nats per token to it.
     """
-    block_lse = torch.logsumexp(logits, dim=-1).double()
-    block_mean = torch.bmm(torch.softmax(logits, dim=-1).unsqueeze(1), diff).view(-1).double()
+    weights = logits
+    peak = logits.amax(dim=-1)
+    total = weights.sub_(peak[:, None]).exp_().sum(dim=-1)
+    weighted = torch.bmm(weights.unsqueeze(1), diff.unsqueeze(-1)).view(-1)
+    block_lse = total.double().log() + peak.double()
+    block_mean = weighted.double() / total.double()
     merged = torch.logaddexp(lse, block_lse)
     return mean * torch.exp(lse - merged) + block_mean * torch.exp(block_lse - merged), merged
 
@@ -209,9 +221,8 @@ class CompareStatistic:
         have a plain lm_head, else (or with online=False, the straightforward reference) from full logits."""
         if self.online and has_plain_lm_head(fp.model) and has_plain_lm_head(q.model):
             head_fp, head_q = fp.model.get_output_embeddings(), q.model.get_output_embeddings()
-            states_fp, states_q = fp.hidden[:, :-1][positions.mask], q.hidden[:, :-1][positions.mask]
-            for start in range(0, states_fp.shape[0], self.chunk_tokens):
-                part = slice(start, start + self.chunk_tokens)
+            states_fp, states_q = positions.states(fp.hidden), positions.states(q.hidden)
+            for part in chunk_slices(states_fp.shape[0], self.chunk_tokens):
                 yield part, head_divergences(
                     states_fp[part], head_fp, states_q[part], head_q, positions.targets[part], self.topk,
                     self.vocab_block,

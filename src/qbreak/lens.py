@@ -57,7 +57,7 @@ class LogitLensStatistic:
         def decode(x: torch.Tensor) -> None:
             positions = self._positions
             assert positions is not None, "begin(batch) must precede the forward"
-            states = norm(x)[:, :-1][positions.mask]
+            states = positions.states(norm(x))
             nll = token_nll(states, head.weight, positions.targets, head.bias, self.chunk_tokens)
             self._current[layer] = positions.per_example_sum(nll) / positions.mask.sum(dim=1).clamp_min(1)
             return None

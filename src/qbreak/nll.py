@@ -25,6 +25,12 @@ DEFAULT_VOCAB_BLOCK = 4096
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def chunk_slices(n: int, chunk_tokens: int) -> Iterator[slice]:
+    """Consecutive slices of at most `chunk_tokens` positions covering range(n)."""
+    for start in range(0, n, chunk_tokens):
+        yield slice(start, min(start + chunk_tokens, n))
+
+
 def token_nll(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -42,16 +48,51 @@ def token_nll(
     bench/nll_throughput.py).
     """
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], chunk_tokens):
-        stop = start + chunk_tokens
-        lse, target_logit = _online_logsumexp(hidden[start:stop], weight, bias, targets[start:stop], vocab_block)
-        out[start:stop] = lse - target_logit
+    buffer = block_buffer(min(chunk_tokens, hidden.shape[0]), weight.shape[0], vocab_block, hidden.device)
+    for part in chunk_slices(hidden.shape[0], chunk_tokens):
+        lse, target_logit = _online_logsumexp(hidden[part], weight, bias, targets[part], vocab_block, buffer)
+        out[part] = lse - target_logit
     return out
 
 
-def head_logits_block(states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: slice) -> torch.Tensor:
-    """float32 logits of one vocabulary block [n, block]."""
-    return torch.nn.functional.linear(states, weight[block], None if bias is None else bias[block]).float()
+def head_logits_block(
+    states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    block: slice,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """float32 logits of one vocabulary block [n, block], written into `out` when one is given.
+
+    Reusing one `out` buffer for every block (and every chunk) matters on CPU: a fresh
+    multi-megabyte tensor per block is a fresh mapping whose pages fault in on first write.
+    """
+    w = weight[block]
+    b = None if bias is None else bias[block]
+    if out is None:
+        return torch.nn.functional.linear(states, w, b).float()
+    if states.dtype != out.dtype:  # low-precision weights: compute in their dtype, store float32
+        return out.copy_(torch.nn.functional.linear(states, w, b))
+    if b is None:
+        return torch.mm(states, w.t(), out=out)
+    return torch.addmm(b, states, w.t(), out=out)
+
+
+def block_buffer(n: int, vocab: int, vocab_block: int, device: torch.device) -> torch.Tensor:
+    """Flat float32 storage for [n, min(vocab_block, vocab)] logits (see `block_view`)."""
+    return torch.empty(n * min(vocab_block, vocab), dtype=torch.float32, device=device)
+
+
+def block_view(buffer: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """A contiguous [n, width] view of the front of a `block_buffer`."""
+    return buffer[: n * width].view(n, width)
+
+
+def logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-sum-exp of `logits` [n, m] (float32 [n]), overwriting them with exp(logits − max)."""
+    peak = logits.amax(dim=-1)
+    total = logits.sub_(peak[:, None]).exp_().sum(dim=-1)
+    return total.log_().add_(peak)
 
 
 def gather_block_targets(logits: torch.Tensor, targets: torch.Tensor, block: slice, out: torch.Tensor) -> None:
@@ -62,20 +103,28 @@ def gather_block_targets(logits: torch.Tensor, targets: torch.Tensor, block: sli
 
 
 def _online_logsumexp(
-    states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, vocab_block: int
+    states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    targets: torch.Tensor,
+    vocab_block: int,
+    buffer: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logsumexp of the logits, target logit), both float32 [n], one vocabulary block at a time.
 
-    Each block's log-sum-exp is merged into the running one with logaddexp (measured faster here
-    than a hand-written running max and rescaled sum: torch's logsumexp kernel is vectorized).
+    Every block's logits land in one reused buffer; its log-sum-exp is taken in place and merged
+    into the running one with logaddexp.
     """
-    lse = torch.full((states.shape[0],), -torch.inf, dtype=torch.float32, device=states.device)
-    target_logit = torch.empty(states.shape[0], dtype=torch.float32, device=states.device)
-    for begin in range(0, weight.shape[0], vocab_block):
-        block = slice(begin, min(begin + vocab_block, weight.shape[0]))
-        logits = head_logits_block(states, weight, bias, block)  # [n, block]
+    n, vocab = states.shape[0], weight.shape[0]
+    if buffer is None:
+        buffer = block_buffer(n, vocab, vocab_block, states.device)
+    lse = torch.full((n,), -torch.inf, dtype=torch.float32, device=states.device)
+    target_logit = torch.empty(n, dtype=torch.float32, device=states.device)
+    for begin in range(0, vocab, vocab_block):
+        block = slice(begin, min(begin + vocab_block, vocab))
+        logits = head_logits_block(states, weight, bias, block, out=block_view(buffer, n, block.stop - block.start))
         gather_block_targets(logits, targets, block, target_logit)
-        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=-1))
+        lse = torch.logaddexp(lse, logsumexp_(logits))
     return lse, target_logit
 
 
@@ -102,6 +151,10 @@ class ScoredPositions:
         rows = torch.arange(mask.shape[0], device=mask.device)[:, None].expand_as(mask)[mask]
         return cls(mask=mask, targets=batch.input_ids[:, 1:][mask], rows=rows)
 
+    def states(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The hidden states [n, d_model] of the scored positions, from hidden [batch, pos, d_model]."""
+        return hidden[:, :-1][self.mask]
+
     def per_example_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum of per-position `values` [n] for each example, float64 [batch]."""
         sums = torch.zeros(self.mask.shape[0], dtype=torch.float64, device=values.device)
@@ -122,15 +175,13 @@ def logit_chunks(
     """
     if has_plain_lm_head(model):
         head = model.get_output_embeddings()
-        states = hidden[:, :-1][positions.mask]  # [n, d_model]
-        for start in range(0, states.shape[0], chunk_tokens):
-            part = slice(start, start + chunk_tokens)
+        states = positions.states(hidden)  # [n, d_model]
+        for part in chunk_slices(states.shape[0], chunk_tokens):
             yield part, torch.nn.functional.linear(states[part], head.weight, head.bias).float()
         return
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    scored = logits[:, :-1][positions.mask]  # [n, vocab]
-    for start in range(0, scored.shape[0], chunk_tokens):
-        part = slice(start, start + chunk_tokens)
+    scored = positions.states(logits)  # [n, vocab]
+    for part in chunk_slices(scored.shape[0], chunk_tokens):
         yield part, scored[part].float()
 
 
@@ -141,8 +192,7 @@ def batch_nll(
     positions = ScoredPositions.of(batch)
     if has_plain_lm_head(model):
         head = model.get_output_embeddings()
-        states = hidden[:, :-1][positions.mask]  # [n, d_model]
-        nll = token_nll(states, head.weight, positions.targets, head.bias, chunk_tokens)
+        nll = token_nll(positions.states(hidden), head.weight, positions.targets, head.bias, chunk_tokens)
         return positions.per_example_sum(nll), positions.mask.sum(dim=1)
     nll = torch.empty(positions.targets.shape[0], dtype=torch.float32, device=hidden.device)
     for part, logits in logit_chunks(model, batch, hidden, positions, chunk_tokens):
