@@ -89,7 +89,7 @@ def stage_flops(a: Arch, tokens: int, selected: int, methods: int, patched: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mfu", type=float, default=0.55, help="fraction of the matmul peak (measured)")
+    parser.add_argument("--mfu", type=float, default=0.71, help="fraction of the matmul peak (measured: compare job, 2026-12-02)")
     parser.add_argument("--examples", type=int, default=10_000)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--methods", type=int, default=8)
