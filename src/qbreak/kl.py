@@ -146,9 +146,9 @@ def _merge_block(
     small difference of two large sums (Σ p·Δz and the log-sum-exp shift), and float32 running
     sums lost ~1e-4 nats per token to it.
     """
-    weights = logits
     peak = logits.amax(dim=-1)
-    total = weights.sub_(peak[:, None]).exp_().sum(dim=-1)
+    weights = logits.sub_(peak[:, None]).exp_()  # in place: the block's unnormalized softmax
+    total = weights.sum(dim=-1)
     weighted = torch.bmm(weights.unsqueeze(1), diff.unsqueeze(-1)).view(-1)
     block_lse = total.double().log() + peak.double()
     block_mean = weighted.double() / total.double()

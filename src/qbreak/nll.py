@@ -71,7 +71,7 @@ def head_logits_block(
     b = None if bias is None else bias[block]
     if out is None:
         return torch.nn.functional.linear(states, w, b).float()
-    if states.dtype != out.dtype:  # low-precision weights: compute in their dtype, store float32
+    if states.dtype != out.dtype or w.dtype != out.dtype:  # low precision: compute in it, store float32
         return out.copy_(torch.nn.functional.linear(states, w, b))
     if b is None:
         return torch.mm(states, w.t(), out=out)
