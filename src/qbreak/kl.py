@@ -33,6 +33,7 @@ from qbreak.nll import (
     has_plain_lm_head,
     head_logits_block,
     logit_chunks,
+    shifted_exp_,
 )
 from qbreak.passes import Batch, ModelState, iter_batches, run_pair_pass, run_pass
 
@@ -112,8 +113,7 @@ def head_divergences(
     target_q = torch.empty(n, dtype=torch.float32, device=device)
     top_fp = torch.empty(n, 0, dtype=torch.float32, device=device)  # P's top logits so far
     top_q = top_fp.clone()  # Q's logits at those tokens
-    for begin in range(0, vocab, vocab_block):
-        block = slice(begin, min(begin + vocab_block, vocab))
+    for block in chunk_slices(vocab, vocab_block):
         logits_fp, logits_q, diff = (block_view(buffer, n, block.stop - block.start) for buffer in buffers)
         head_logits_block(states_fp, head_fp.weight, head_fp.bias, block, out=logits_fp)  # [n, block]
         head_logits_block(states_q, head_q.weight, head_q.bias, block, out=logits_q)
@@ -146,10 +146,8 @@ def _merge_block(
     small difference of two large sums (Σ p·Δz and the log-sum-exp shift), and float32 running
     sums lost ~1e-4 nats per token to it.
     """
-    peak = logits.amax(dim=-1)
-    weights = logits.sub_(peak[:, None]).exp_()  # in place: the block's unnormalized softmax
-    total = weights.sum(dim=-1)
-    weighted = torch.bmm(weights.unsqueeze(1), diff.unsqueeze(-1)).view(-1)
+    peak, total = shifted_exp_(logits)  # logits now hold the block's unnormalized softmax
+    weighted = torch.bmm(logits.unsqueeze(1), diff.unsqueeze(-1)).view(-1)
     block_lse = total.double().log() + peak.double()
     block_mean = weighted.double() / total.double()
     merged = torch.logaddexp(lse, block_lse)

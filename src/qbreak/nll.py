@@ -56,21 +56,15 @@ def token_nll(
 
 
 def head_logits_block(
-    states: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    block: slice,
-    out: torch.Tensor | None = None,
+    states: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: slice, out: torch.Tensor
 ) -> torch.Tensor:
-    """float32 logits of one vocabulary block [n, block], written into `out` when one is given.
+    """float32 logits of one vocabulary block, written into `out` [n, block] (and returned).
 
     Reusing one `out` buffer for every block (and every chunk) matters on CPU: a fresh
     multi-megabyte tensor per block is a fresh mapping whose pages fault in on first write.
     """
     w = weight[block]
     b = None if bias is None else bias[block]
-    if out is None:
-        return torch.nn.functional.linear(states, w, b).float()
     if states.dtype != out.dtype or w.dtype != out.dtype:  # low precision: compute in it, store float32
         return out.copy_(torch.nn.functional.linear(states, w, b))
     if b is None:
@@ -88,10 +82,19 @@ def block_view(buffer: torch.Tensor, n: int, width: int) -> torch.Tensor:
     return buffer[: n * width].view(n, width)
 
 
-def logsumexp_(logits: torch.Tensor) -> torch.Tensor:
-    """Row-wise log-sum-exp of `logits` [n, m] (float32 [n]), overwriting them with exp(logits − max)."""
+def shifted_exp_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Overwrite `logits` [n, m] with exp(logits − row max); return (row max, row sum of that), [n] each.
+
+    One exp pass gives a block's log-sum-exp (log sum + max) and its unnormalized softmax.
+    """
     peak = logits.amax(dim=-1)
     total = logits.sub_(peak[:, None]).exp_().sum(dim=-1)
+    return peak, total
+
+
+def logsumexp_(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise log-sum-exp of `logits` [n, m] (float32 [n]), overwriting them (`shifted_exp_`)."""
+    peak, total = shifted_exp_(logits)
     return total.log_().add_(peak)
 
 
@@ -108,20 +111,17 @@ def _online_logsumexp(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     vocab_block: int,
-    buffer: torch.Tensor | None = None,
+    buffer: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logsumexp of the logits, target logit), both float32 [n], one vocabulary block at a time.
 
-    Every block's logits land in one reused buffer; its log-sum-exp is taken in place and merged
-    into the running one with logaddexp.
+    Every block's logits land in `buffer` (a `block_buffer` for at least n rows); its log-sum-exp
+    is taken in place and merged into the running one with logaddexp.
     """
     n, vocab = states.shape[0], weight.shape[0]
-    if buffer is None:
-        buffer = block_buffer(n, vocab, vocab_block, states.device)
     lse = torch.full((n,), -torch.inf, dtype=torch.float32, device=states.device)
     target_logit = torch.empty(n, dtype=torch.float32, device=states.device)
-    for begin in range(0, vocab, vocab_block):
-        block = slice(begin, min(begin + vocab_block, vocab))
+    for block in chunk_slices(vocab, vocab_block):
         logits = head_logits_block(states, weight, bias, block, out=block_view(buffer, n, block.stop - block.start))
         gather_block_targets(logits, targets, block, target_logit)
         lse = torch.logaddexp(lse, logsumexp_(logits))
