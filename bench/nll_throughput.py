@@ -8,6 +8,10 @@ before and after every timed path (this machine's speed drifts: the largest peak
 is never overstated).
 
 Paths, on the same examples:
+- ceiling: the forward's matrix products alone, nothing else (every decoder linear and the head's
+  vocabulary blocks at the pass's shapes, on random inputs): the MFU any implementation that keeps
+  transformers' matmuls can reach; the gap between it and the NLL pass is the non-matmul work
+  (norms, rotary, attention, SiLU·up, residual adds, log-sum-exp);
 - NLL pass: qbreak (online log-sum-exp over vocabulary blocks), the previous chunked path
   (log-sum-exp over full-vocabulary logits of 512 positions), plain transformers + log_softmax;
 - side-by-side FP + quantized pass (NLL, KL both ways, top-k KL): qbreak online vs the full-logit
@@ -37,7 +41,7 @@ import torch
 from qbreak.io import EXAMPLES_SCHEMA, read_table
 from qbreak.kl import CompareStatistic
 from qbreak.models import load_model
-from qbreak.nll import per_example_nll
+from qbreak.nll import DEFAULT_VOCAB_BLOCK, block_buffer, block_view, chunk_slices, per_example_nll
 from qbreak.passes import iter_batches, run_pair_pass
 from qbreak.quantize.base import replace_decoder_weights
 from qbreak.quantize.rtn import rtn_quantize_tensor
@@ -66,6 +70,23 @@ def forward_params(model: torch.nn.Module) -> int:
 
 def mlp_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for layer in model.model.layers for p in layer.mlp.parameters())
+
+
+@torch.inference_mode()
+def matmul_ceiling(model: torch.nn.Module, examples, batch_size: int) -> None:
+    """Only the pass's matrix products: each decoder linear on a random [tokens, in] input, then the
+    head over vocabulary blocks into one reused buffer (as `nll.token_nll` does), per batch."""
+    linears = [m.weight for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+    head = model.get_output_embeddings().weight
+    for batch in iter_batches(examples, batch_size):
+        n = batch.input_ids.numel()
+        inputs = {k: torch.randn(n, k) for k in {w.shape[1] for w in linears}}
+        for w in linears:
+            torch.nn.functional.linear(inputs[w.shape[1]], w)
+        states = inputs[head.shape[1]][: n - batch.input_ids.shape[0]]  # the positions the head scores
+        buffer = block_buffer(states.shape[0], head.shape[0], DEFAULT_VOCAB_BLOCK, states.device)
+        for block in chunk_slices(head.shape[0], DEFAULT_VOCAB_BLOCK):
+            torch.mm(states, head[block].t(), out=block_view(buffer, states.shape[0], block.stop - block.start))
 
 
 @torch.inference_mode()
@@ -131,6 +152,7 @@ def main() -> None:
     b = args.batch_size
     pair = 4 * n_params
     paths: list[tuple[str, float, Callable[[], object]]] = [
+        ("ceiling: the forward's matmuls alone", 2 * n_params, lambda: matmul_ceiling(model, examples, b)),
         ("NLL: qbreak (online log-sum-exp)", 2 * n_params, lambda: per_example_nll(model, examples, "m", "fp", b)),
         ("NLL: previous chunked path", 2 * n_params, lambda: chunked_full_vocab_nll(model, examples, b)),
         ("NLL: transformers + log_softmax", 2 * n_params, lambda: naive_nll(model, examples, b)),
@@ -162,6 +184,9 @@ def main() -> None:
     by_name = {name: seconds for name, seconds, _, _ in rows}
     print(f"NLL speed-up vs previous chunked path {by_name['NLL: previous chunked path'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x, "
           f"vs transformers {by_name['NLL: transformers + log_softmax'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x")
+    ceiling = by_name["ceiling: the forward's matmuls alone"]
+    print(f"NLL pass / matmul ceiling: {ceiling / by_name['NLL: qbreak (online log-sum-exp)']:.1%} "
+          f"(the rest of a forward is non-matmul work)")
     print(f"FP+Q speed-up vs full-logit KL {by_name['FP+Q: full-logit KL reference'] / by_name['FP+Q: qbreak online KL']:.2f}x")
     for name in ("NLL: previous chunked path", "NLL: transformers + log_softmax"):
         print(f"max |ΔNLL| qbreak vs {name[5:]}: {np.abs(nll_fast - results[name]).max():.2e}")
