@@ -2,7 +2,9 @@
 
 1. One NLL pass: tokens/s of qbreak's per-example NLL vs lm-eval's `loglikelihood_rolling` (HFLM,
    prefix_token_id = qbreak's start token, so both score every document token given the start
-   token); the per-example NLLs must agree to ≤ 1e-4.
+   token); the per-example NLLs must agree to ≤ 1e-4. Beside them, the pass's matrix products alone
+   (`nll_throughput.matmul_ceiling`): lm-eval's time over that is the most any implementation that
+   keeps these matmuls could gain over lm-eval on this machine.
 2. The whole analysis of FP + M methods (NLL, KL both ways, residual norms and kurtosis, MLP
    amplification): qbreak's fused passes (`score_fp` + one side-by-side `compare_to_fp` per method,
    the statistics the workflow computes) vs the same statistics one stage at a time, as a user of
@@ -30,6 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_eval_adapter import lm_eval_nll  # noqa: E402
+from nll_throughput import matmul_ceiling  # noqa: E402
 
 from qbreak.io import EXAMPLES_SCHEMA, read_table  # noqa: E402
 from qbreak.kl import CompareStatistic  # noqa: E402
@@ -97,12 +100,13 @@ def main() -> None:
 
     # 1. One NLL pass, `repeats` times each, interleaved; the best of each (this machine is shared:
     # a neighbour's burst slows one run, not the code).
-    times: dict[str, list[float]] = {"qbreak": [], "lm-eval": []}
+    times: dict[str, list[float]] = {"qbreak": [], "lm-eval": [], "matmuls alone": []}
     for _ in range(args.repeats):
         ours, seconds = timed(lambda: per_example_nll(model, examples, "m", "fp", b))
         times["qbreak"].append(seconds)
         theirs, seconds = timed(lambda: lm_eval_nll(model, tokenizer, rows, b))
         times["lm-eval"].append(seconds)
+        times["matmuls alone"].append(timed(lambda: matmul_ceiling(model, examples, b))[1])
     diff = np.abs(ours.column("nll").to_numpy() - theirs).max()
     best = {name: min(values) for name, values in times.items()}
     print(f"threads {args.threads}, {args.n_examples} examples, {n_tokens} tokens, batch {b}")
@@ -110,6 +114,7 @@ def main() -> None:
     for name, seconds in best.items():
         print(f"{name:<28}{seconds:>9.2f}{n_tokens / seconds:>10.0f}")
     print(f"qbreak / lm-eval tokens/s: {best['lm-eval'] / best['qbreak']:.2f}x; max |ΔNLL| = {diff:.2e}")
+    print(f"ceiling (matmuls alone) / lm-eval tokens/s: {best['lm-eval'] / best['matmuls alone']:.2f}x")
 
     # 2. The whole analysis of FP + M methods.
     quantized = []
