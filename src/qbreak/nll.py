@@ -21,7 +21,7 @@ from qbreak.passes import Batch, iter_batches, run_pass
 DEFAULT_CHUNK_TOKENS = 1024
 # Rows of the lm_head per block of the online log-sum-exp: [chunk, block] float32 logits (8 MB at
 # 1,024 × 2,048) fit in L3. The head's matmul + log-sum-exp ran at 90% of the 2048² matmul peak with
-# 2,048-row blocks vs 86% with 4,096 (1,016 positions × 576 × 49,152, best of 24 interleaved).
+# 2,048-row blocks vs 86.5% with 4,096 (bench/head_blocks.py: 1,016 positions × 576 × 49,152, best of 12).
 DEFAULT_VOCAB_BLOCK = 2048
 # Config attributes that change logits after lm_head; models with them take the plain-logits path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
