@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 
 from qbreak.nll import DEFAULT_CHUNK_TOKENS, DEFAULT_VOCAB_BLOCK, token_nll
+from qbreak.runtime import configure
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=12)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    configure(args.threads)  # the job's settings: threads, glibc allocator thresholds
     gen = torch.Generator().manual_seed(0)
     n, d, vocab = args.positions, args.d_model, args.vocab
     hidden = torch.randn(n, d, generator=gen) * 0.5

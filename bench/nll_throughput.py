@@ -46,6 +46,7 @@ from qbreak.passes import iter_batches, run_pair_pass
 from qbreak.quantize.base import replace_decoder_weights
 from qbreak.quantize.rtn import rtn_quantize_tensor
 from qbreak.residuals import AmplificationStatistic, ResidualStatistic
+from qbreak.runtime import configure
 
 
 def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
@@ -139,7 +140,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="round-robin rounds over the paths; best time used")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    configure(args.threads)  # the job's settings: threads, glibc allocator thresholds
 
     model = load_model(Path(args.model))
     quantized = copy.deepcopy(model)

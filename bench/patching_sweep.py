@@ -28,6 +28,7 @@ from qbreak.hooks import decoder_layers
 from qbreak.io import EXAMPLES_SCHEMA, read_table
 from qbreak.models import load_model
 from qbreak.patching import build_patches, patching_table
+from qbreak.runtime import configure
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    configure(args.threads)  # the job's settings: threads, glibc allocator thresholds
     root = Path(args.results)
     examples = read_table(root / "corpus" / "wikipedia-vital" / args.model / "examples.arrow", EXAMPLES_SCHEMA)
     examples = examples.slice(0, args.examples)

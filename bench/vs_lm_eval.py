@@ -42,6 +42,7 @@ from qbreak.passes import iter_batches, run_pair_pass, run_pass  # noqa: E402
 from qbreak.quantize.base import replace_decoder_weights  # noqa: E402
 from qbreak.quantize.rtn import rtn_quantize_tensor  # noqa: E402
 from qbreak.residuals import AmplificationStatistic, ResidualStatistic  # noqa: E402
+from qbreak.runtime import configure  # noqa: E402
 
 
 def timed(fn):  # noqa: ANN001, ANN201
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--methods", type=int, default=2, help="quantized models in the analysis comparison (1-2)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of every path; the best time is used")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    configure(args.threads)  # the job's settings: threads, glibc allocator thresholds
 
     model = load_model(Path(args.model))
     tokenizer = load_tokenizer(args.model)

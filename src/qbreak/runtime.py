@@ -59,6 +59,7 @@ def _configure_torch(threads: int, seed: int | None) -> None:
 
     _skip_transformers_hqq_import()
 
+    tune_allocator()
     torch.set_num_threads(max(1, int(threads)))
     try:
         torch.set_num_interop_threads(1)
@@ -80,11 +81,36 @@ def torch_dtype(name: str, device: str) -> torch.dtype:
 
 
 @functools.cache
-def _libc_malloc_trim() -> Callable[[int], int] | None:
+def _libc() -> ctypes.CDLL | None:
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc: nothing to trim
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing to tune or trim
         return None
+    return libc if all(hasattr(libc, name) for name in ("malloc_trim", "mallopt")) else None
+
+
+# glibc mallopt parameters (malloc.h) and the values model jobs use
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_BYTES = 16 << 20
+TRIM_THRESHOLD_BYTES = 32 << 20
+
+
+def tune_allocator() -> bool:
+    """Serve activation-sized buffers (< 16 MB) from the heap, not from fresh mmaps; glibc only.
+
+    glibc's default maps every allocation above its (dynamic, history-dependent) mmap threshold
+    fresh and unmaps it on free, so each [tokens, d_ff] activation of every layer faults its
+    pages in again: 283k page faults per 16-example NLL pass of the bundled model, against 17k
+    with these fixed thresholds, and 1.08x the pass's speed (one thread, best of 3, 2026-12-03).
+    The per-batch `release_freed_memory` still returns the freed heap, so memory stays flat.
+    Returns whether the settings were applied.
+    """
+    libc = _libc()
+    if libc is None:
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
+    )
 
 
 def release_freed_memory() -> None:
@@ -95,6 +121,6 @@ def release_freed_memory() -> None:
     per-example results) pin the freed space: a residual-statistics pass grew ~100 MB per batch
     (bench/memory_scaling.py: peak RSS 2.3x from 16 to 128 examples). Trimming keeps it flat.
     """
-    trim = _libc_malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)

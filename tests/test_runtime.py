@@ -1,0 +1,41 @@
+"""Process settings of model jobs: the glibc allocator thresholds behind the passes' page faults."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+
+import pytest
+
+from qbreak import runtime
+
+# In a fresh interpreter: bytes glibc serves by mmap before and after a 12 MB tensor (mallinfo2).
+PROBE = """
+import ctypes, sys, torch
+from qbreak import runtime
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "configure":
+    runtime.configure(1)
+before = libc.mallinfo2().hblkhd
+buffer = torch.empty(3 << 20)  # 12 MB of float32: activation-sized, under the 16 MB threshold
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+GLIBC = runtime._libc() is not None and hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+
+
+def _mmapped_bytes(mode: str) -> int:
+    result = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt/mallinfo2 are what is under test")
+def test_configure_serves_activation_buffers_from_the_heap() -> None:
+    assert _mmapped_bytes("plain") >= 12 << 20  # glibc's default: a fresh mapping (faults on every use)
+    assert _mmapped_bytes("configure") == 0  # after the job's configure: the reusable heap
+
