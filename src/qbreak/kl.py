@@ -118,12 +118,7 @@ def head_divergences(
         head_logits_block(states_fp, head_fp.weight, head_fp.bias, block, out=logits_fp)  # [n, block]
         head_logits_block(states_q, head_q.weight, head_q.bias, block, out=logits_q)
         gather_block_targets(logits_q, targets, block, target_q)
-        values, index = logits_fp.topk(min(k, logits_fp.shape[1]), dim=-1)
-        top_fp = torch.cat([top_fp, values], dim=1)
-        top_q = torch.cat([top_q, logits_q.gather(1, index)], dim=1)
-        if top_fp.shape[1] > k:
-            top_fp, keep = top_fp.topk(k, dim=-1)
-            top_q = top_q.gather(1, keep)
+        top_fp, top_q = _merge_topk(top_fp, top_q, logits_fp, logits_q, k)
         torch.sub(logits_fp, logits_q, out=diff)
         mean_fp, lse_fp = _merge_block(mean_fp, lse_fp, logits_fp, diff)  # overwrites the logits
         mean_q, lse_q = _merge_block(mean_q, lse_q, logits_q, diff)
@@ -134,6 +129,34 @@ def head_divergences(
         "kl_q_fp": (shift - mean_q).clamp_min(0.0),
         "kl_fp_q_topk": topk_kl(top_fp - lse_fp[:, None], top_q - lse_q[:, None]),
     }
+
+
+def _merge_topk(
+    top_fp: torch.Tensor, top_q: torch.Tensor, logits_fp: torch.Tensor, logits_q: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """P's k largest logits so far (sorted, [n, ≤k]) and Q's at those tokens, merged with one block.
+
+    Once a row holds k logits, only rows whose block maximum beats their k-th are merged: the
+    vocabulary is roughly frequency-ordered, so after the first blocks few rows change.
+    """
+    if top_fp.shape[1] < k:  # still filling: every row takes the block's top
+        values, index = logits_fp.topk(min(k, logits_fp.shape[1]), dim=-1)
+        top_fp = torch.cat([top_fp, values], dim=1)
+        top_q = torch.cat([top_q, logits_q.gather(1, index)], dim=1)
+        if top_fp.shape[1] > k:
+            top_fp, keep = top_fp.topk(k, dim=-1)
+            top_q = top_q.gather(1, keep)
+        return top_fp, top_q
+    rows = (logits_fp.amax(dim=-1) > top_fp[:, -1]).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return top_fp, top_q
+    block_fp = logits_fp.index_select(0, rows)
+    values, index = block_fp.topk(min(k, block_fp.shape[1]), dim=-1)
+    merged_fp = torch.cat([top_fp.index_select(0, rows), values], dim=1)
+    merged_q = torch.cat([top_q.index_select(0, rows), logits_q.index_select(0, rows).gather(1, index)], dim=1)
+    merged_fp, keep = merged_fp.topk(k, dim=-1)
+    top_fp[rows], top_q[rows] = merged_fp, merged_q.gather(1, keep)  # [n, k] tensors of this pass only
+    return top_fp, top_q
 
 
 def _merge_block(
