@@ -6,7 +6,6 @@ import ctypes
 import functools
 import logging
 import sys
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from qbreak.errors import QbreakError
@@ -100,8 +99,9 @@ def tune_allocator() -> bool:
 
     glibc's default maps every allocation above its (dynamic, history-dependent) mmap threshold
     fresh and unmaps it on free, so each [tokens, d_ff] activation of every layer faults its
-    pages in again: 283k page faults per 16-example NLL pass of the bundled model, against 17k
-    with these fixed thresholds, and 1.08x the pass's speed (one thread, best of 3, 2026-12-03).
+    pages in again: 280-287k page faults per 16-example NLL pass of the bundled model, against
+    17-20k with these fixed thresholds; 1.04-1.09x the NLL pass, 1.04x a compare job (one thread,
+    fresh alternating processes, 2026-12-03; README, Performance).
     The per-batch `release_freed_memory` still returns the freed heap, so memory stays flat.
     Returns whether the settings were applied.
     """
