@@ -38,4 +38,3 @@ def _mmapped_bytes(mode: str) -> int:
 def test_configure_serves_activation_buffers_from_the_heap() -> None:
     assert _mmapped_bytes("plain") >= 12 << 20  # glibc's default: a fresh mapping (faults on every use)
     assert _mmapped_bytes("configure") == 0  # after the job's configure: the reusable heap
-

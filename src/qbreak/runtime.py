@@ -94,7 +94,7 @@ MMAP_THRESHOLD_BYTES = 16 << 20
 TRIM_THRESHOLD_BYTES = 32 << 20
 
 
-def tune_allocator() -> bool:
+def tune_allocator() -> None:
     """Serve activation-sized buffers (< 16 MB) from the heap, not from fresh mmaps; glibc only.
 
     glibc's default maps every allocation above its (dynamic, history-dependent) mmap threshold
@@ -103,14 +103,11 @@ def tune_allocator() -> bool:
     17-20k with these fixed thresholds; 1.04-1.09x the NLL pass, 1.04x a compare job (one thread,
     fresh alternating processes, 2026-12-03; README, Performance).
     The per-batch `release_freed_memory` still returns the freed heap, so memory stays flat.
-    Returns whether the settings were applied.
     """
     libc = _libc()
-    if libc is None:
-        return False
-    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
         libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES)
-    )
 
 
 def release_freed_memory() -> None:
