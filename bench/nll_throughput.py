@@ -5,13 +5,17 @@ parameters a token multiplies by (decoder weights without the embedding table, p
 the side-by-side pass costs two forwards, and the compare job's amplification adds one more MLP
 per layer (the quantized MLP on the FP input). The peak is the best 2048² float32 matmul, measured
 before and after every timed path (this machine's speed drifts: the largest peak is used, so MFU
-is never overstated).
+is never overstated); with ≥ 2 threads also as one 1-thread matmul per thread at once, the way the
+passes' streams use the cores, and the larger of the two counts.
 
 Paths, on the same examples:
 - ceiling: the forward's matrix products alone, nothing else (every decoder linear and the head's
   vocabulary blocks at the pass's shapes, on random inputs): the MFU any implementation that keeps
   transformers' matmuls can reach; the gap between it and the NLL pass is the non-matmul work
-  (norms, rotary, attention, SiLU·up, residual adds, log-sum-exp);
+  (norms, rotary, attention, SiLU·up, residual adds, log-sum-exp); with ≥ 2 threads also as two
+  1-thread streams (half the batches each), the layout of the passes' streams;
+- with ≥ 2 threads, qbreak's passes as they run by default (two 1-thread streams, `passes.run_pass`)
+  and with one stream of all threads (`streams=1`);
 - NLL pass: qbreak (online log-sum-exp over vocabulary blocks), the previous chunked path
   (log-sum-exp over full-vocabulary logits of 512 positions), plain transformers + log_softmax;
 - side-by-side FP + quantized pass (NLL, KL both ways, top-k KL): qbreak online vs the full-logit
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +55,8 @@ from qbreak.runtime import configure
 
 
 def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """Best float32 FLOP/s of a size² @ size² matmul."""
+    """Best float32 FLOP/s of size² @ size² matmuls: one on all threads, or (given ≥ 2 threads) one
+    per thread at once, as the passes' streams run; the larger of the two is the peak."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
     best = float("inf")
@@ -58,7 +64,39 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
         start = time.perf_counter()
         a @ b
         best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+    threads = torch.get_num_threads()
+    if threads < 2:
+        return 2 * size**3 / best
+    return max(2 * size**3 / best, _concurrent_matmul_peak(a, b, threads, repeats))
+
+
+def _concurrent_matmul_peak(a: torch.Tensor, b: torch.Tensor, threads: int, repeats: int) -> float:
+    """`threads` one-thread matmuls started together (a barrier per round); best round's FLOP/s."""
+    start_line, finish_line = threading.Barrier(threads + 1), threading.Barrier(threads + 1)
+
+    def work() -> None:
+        for _ in range(repeats + 1):
+            start_line.wait()
+            a @ b
+            finish_line.wait()
+
+    torch.set_num_threads(1)  # before the workers' first op: they keep this count
+    try:
+        workers = [threading.Thread(target=work) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        best = float("inf")
+        for round_ in range(repeats + 1):  # round 0 warms the new threads up
+            start_line.wait()
+            begin = time.perf_counter()
+            finish_line.wait()
+            if round_:
+                best = min(best, time.perf_counter() - begin)
+        for worker in workers:
+            worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    return threads * 2 * a.shape[0] ** 3 / best
 
 
 def forward_params(model: torch.nn.Module) -> int:
@@ -89,6 +127,24 @@ def matmul_ceiling(model: torch.nn.Module, examples, batch_size: int) -> None:
         buffer = block_buffer(states.shape[0], head.shape[0], DEFAULT_VOCAB_BLOCK, states.device)
         for block in chunk_slices(head.shape[0], DEFAULT_VOCAB_BLOCK):
             torch.mm(states, head[block].t(), out=block_view(buffer, states.shape[0], block.stop - block.start))
+
+
+def matmul_ceiling_streams(model: torch.nn.Module, examples, batch_size: int) -> None:  # noqa: ANN001
+    """`matmul_ceiling` as the passes' two streams run it: half the batches on each of two one-thread threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        half = examples.num_rows // 2
+        workers = [
+            threading.Thread(target=matmul_ceiling, args=(model, part, batch_size))
+            for part in (examples.slice(0, half), examples.slice(half))
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.inference_mode()
@@ -123,11 +179,16 @@ def chunked_full_vocab_nll(model: torch.nn.Module, examples, batch_size: int, ch
     return np.concatenate(out)
 
 
-def side_by_side(fp, q, examples, batch_size: int, online: bool, full_job: bool) -> CompareStatistic:
+def side_by_side(
+    fp, q, examples, batch_size: int, online: bool, full_job: bool, streams: int | None = None  # noqa: ANN001
+) -> CompareStatistic:
     compare = CompareStatistic("m", "q", online=online)
     fp_stats = [AmplificationStatistic("m", "q", q)] if full_job else []
     q_stats = [ResidualStatistic("m", "q")] if full_job else []
-    run_pair_pass(fp, q, iter_batches(examples, batch_size), [compare], fp_statistics=fp_stats, q_statistics=q_stats)
+    run_pair_pass(
+        fp, q, iter_batches(examples, batch_size), [compare], fp_statistics=fp_stats, q_statistics=q_stats,
+        streams=streams,
+    )
     return compare
 
 
@@ -155,14 +216,19 @@ def main() -> None:
     pair = 4 * n_params
     paths: list[tuple[str, float, Callable[[], object]]] = [
         ("ceiling: the forward's matmuls alone", 2 * n_params, lambda: matmul_ceiling(model, examples, b)),
+        ("ceiling, two 1-thread streams", 2 * n_params, lambda: matmul_ceiling_streams(model, examples, b)),
         ("NLL: qbreak (online log-sum-exp)", 2 * n_params, lambda: per_example_nll(model, examples, "m", "fp", b)),
+        ("NLL: qbreak, one stream", 2 * n_params, lambda: per_example_nll(model, examples, "m", "fp", b, streams=1)),
         ("NLL: previous chunked path", 2 * n_params, lambda: chunked_full_vocab_nll(model, examples, b)),
         ("NLL: transformers + log_softmax", 2 * n_params, lambda: naive_nll(model, examples, b)),
         ("FP+Q: qbreak online KL", pair, lambda: side_by_side(model, quantized, examples, b, True, False)),
+        ("FP+Q: qbreak, one stream", pair, lambda: side_by_side(model, quantized, examples, b, True, False, 1)),
         ("FP+Q: full-logit KL reference", pair, lambda: side_by_side(model, quantized, examples, b, False, False)),
         ("compare job: + residuals, amplification", pair + 2 * n_mlp,
          lambda: side_by_side(model, quantized, examples, b, True, True)),
     ]
+    if args.threads < 2:  # one thread: the passes run one stream, the default paths are those
+        paths = [path for path in paths if "stream" not in path[0]]
     times: dict[str, list[float]] = {name: [] for name, _, _ in paths}
     results: dict[str, object] = {}
     for _ in range(args.repeats):
@@ -186,9 +252,20 @@ def main() -> None:
     by_name = {name: seconds for name, seconds, _, _ in rows}
     print(f"NLL speed-up vs previous chunked path {by_name['NLL: previous chunked path'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x, "
           f"vs transformers {by_name['NLL: transformers + log_softmax'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x")
-    ceiling = by_name["ceiling: the forward's matmuls alone"]
+    ceiling = min(seconds for name, seconds in by_name.items() if name.startswith("ceiling"))
     print(f"NLL pass / matmul ceiling: {ceiling / by_name['NLL: qbreak (online log-sum-exp)']:.1%} "
           f"(the rest of a forward is non-matmul work)")
+    if "NLL: qbreak, one stream" in by_name:
+        print(f"two 1-thread streams vs one {args.threads}-thread stream: NLL pass "
+              f"{by_name['NLL: qbreak, one stream'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x, FP+Q pass "
+              f"{by_name['FP+Q: qbreak, one stream'] / by_name['FP+Q: qbreak online KL']:.2f}x")
+        for name, other in (("NLL", "NLL: qbreak, one stream"), ("FP+Q", "FP+Q: qbreak, one stream")):
+            one = results[other]
+            many = results["NLL: qbreak (online log-sum-exp)" if name == "NLL" else "FP+Q: qbreak online KL"]
+            if name == "FP+Q":
+                one, many = one.kl_table(), many.kl_table()
+            column = "nll" if name == "NLL" else "kl_fp_q"
+            print(f"max |Δ{column}| two streams vs one: {np.abs(one.column(column).to_numpy() - many.column(column).to_numpy()).max():.2e}")
     print(f"FP+Q speed-up vs full-logit KL {by_name['FP+Q: full-logit KL reference'] / by_name['FP+Q: qbreak online KL']:.2f}x")
     for name in ("NLL: previous chunked path", "NLL: transformers + log_softmax"):
         print(f"max |ΔNLL| qbreak vs {name[5:]}: {np.abs(nll_fast - results[name]).max():.2e}")

@@ -4,7 +4,9 @@
    prefix_token_id = qbreak's start token, so both score every document token given the start
    token); the per-example NLLs must agree to ≤ 1e-4. Beside them, the pass's matrix products alone
    (`nll_throughput.matmul_ceiling`): lm-eval's time over that is the most any implementation that
-   keeps these matmuls could gain over lm-eval on this machine.
+   keeps these matmuls could gain over lm-eval on this machine. With ≥ 2 threads qbreak's pass runs
+   as two 1-thread streams (its default); lm-eval splits each op over the threads, as it does when
+   given them. Its one-stream time and the matmuls as two streams are printed too.
 2. The whole analysis of FP + M methods (NLL, KL both ways, residual norms and kurtosis, MLP
    amplification): qbreak's fused passes (`score_fp` + one side-by-side `compare_to_fp` per method,
    the statistics the workflow computes) vs the same statistics one stage at a time, as a user of
@@ -32,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_eval_adapter import lm_eval_nll  # noqa: E402
-from nll_throughput import matmul_ceiling  # noqa: E402
+from nll_throughput import matmul_ceiling, matmul_ceiling_streams  # noqa: E402
 
 from qbreak.io import EXAMPLES_SCHEMA, read_table  # noqa: E402
 from qbreak.kl import CompareStatistic  # noqa: E402
@@ -101,13 +103,22 @@ def main() -> None:
 
     # 1. One NLL pass, `repeats` times each, interleaved; the best of each (this machine is shared:
     # a neighbour's burst slows one run, not the code).
+    # With ≥ 2 threads qbreak's pass runs as two 1-thread streams (passes.default_streams); its
+    # one-stream time and the matmuls as two streams are printed beside it.
+    streams = args.threads >= 2
     times: dict[str, list[float]] = {"qbreak": [], "lm-eval": [], "matmuls alone": []}
+    if streams:
+        times |= {"qbreak, one stream": [], "matmuls alone, two streams": []}
     for _ in range(args.repeats):
         ours, seconds = timed(lambda: per_example_nll(model, examples, "m", "fp", b))
         times["qbreak"].append(seconds)
         theirs, seconds = timed(lambda: lm_eval_nll(model, tokenizer, rows, b))
         times["lm-eval"].append(seconds)
         times["matmuls alone"].append(timed(lambda: matmul_ceiling(model, examples, b))[1])
+        if streams:
+            one_stream, seconds = timed(lambda: per_example_nll(model, examples, "m", "fp", b, streams=1))
+            times["qbreak, one stream"].append(seconds)
+            times["matmuls alone, two streams"].append(timed(lambda: matmul_ceiling_streams(model, examples, b))[1])
     diff = np.abs(ours.column("nll").to_numpy() - theirs).max()
     best = {name: min(values) for name, values in times.items()}
     print(f"threads {args.threads}, {args.n_examples} examples, {n_tokens} tokens, batch {b}")
@@ -116,6 +127,10 @@ def main() -> None:
         print(f"{name:<28}{seconds:>9.2f}{n_tokens / seconds:>10.0f}")
     print(f"qbreak / lm-eval tokens/s: {best['lm-eval'] / best['qbreak']:.2f}x; max |ΔNLL| = {diff:.2e}")
     print(f"ceiling (matmuls alone) / lm-eval tokens/s: {best['lm-eval'] / best['matmuls alone']:.2f}x")
+    if streams:
+        print(f"qbreak one {args.threads}-thread stream / lm-eval: {best['lm-eval'] / best['qbreak, one stream']:.2f}x; "
+              f"ceiling as two streams / lm-eval: {best['lm-eval'] / best['matmuls alone, two streams']:.2f}x; "
+              f"max |ΔNLL| two streams vs one: {np.abs(ours.column('nll').to_numpy() - one_stream.column('nll').to_numpy()).max():.2e}")
 
     # 2. The whole analysis of FP + M methods.
     quantized = []

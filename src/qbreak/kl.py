@@ -35,7 +35,15 @@ from qbreak.nll import (
     logit_chunks,
     shifted_exp_,
 )
-from qbreak.passes import Batch, ModelState, iter_batches, run_pair_pass, run_pass
+from qbreak.passes import (
+    Batch,
+    ModelState,
+    iter_batches,
+    map_pair_streams,
+    pair_streams,
+    run_pair_pass,
+    run_pass,
+)
 
 DEFAULT_TOPK = 32
 # Vocabulary rows per block of the online KL: five [chunk, block] float32 arrays stay near L3 size.
@@ -243,11 +251,17 @@ class CompareStatistic:
         if self.online and has_plain_lm_head(fp.model) and has_plain_lm_head(q.model):
             head_fp, head_q = fp.model.get_output_embeddings(), q.model.get_output_embeddings()
             states_fp, states_q = positions.states(fp.hidden), positions.states(q.hidden)
-            for part in chunk_slices(states_fp.shape[0], self.chunk_tokens):
-                yield part, head_divergences(
+            n = states_fp.shape[0]
+            # In a two-stream pass the positions are split in two, one part per stream.
+            parts = list(chunk_slices(n, max(1, min(self.chunk_tokens, -(-n // pair_streams())))))
+
+            def divergences(part: slice) -> dict[str, torch.Tensor]:
+                return head_divergences(
                     states_fp[part], head_fp, states_q[part], head_q, positions.targets[part], self.topk,
                     self.vocab_block,
                 )
+
+            yield from zip(parts, map_pair_streams(divergences, parts), strict=True)
             return
         chunks = zip(
             logit_chunks(fp.model, batch, fp.hidden, positions, self.chunk_tokens),
@@ -287,10 +301,12 @@ def compare_to_fp(
     batch_size: int = 8,
     device: str = "cpu",
     topk: int = DEFAULT_TOPK,
+    streams: int | None = None,
 ) -> tuple[pa.Table, pa.Table]:
-    """(NLL table of the quantized model, KL table) from one side-by-side pass over `examples`."""
+    """(NLL table of the quantized model, KL table) from one side-by-side pass over `examples`;
+    `streams` as in run_pair_pass."""
     statistic = CompareStatistic(model_name, method, topk)
-    run_pair_pass(fp_model, q_model, iter_batches(examples, batch_size, device), [statistic])
+    run_pair_pass(fp_model, q_model, iter_batches(examples, batch_size, device), [statistic], streams=streams)
     return statistic.nll_table(), statistic.kl_table()
 
 

@@ -216,7 +216,15 @@ class NLLStatistic:
         self._lengths: list[np.ndarray] = []
 
     def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
-        sums, scored = batch_nll(model, batch, hidden, self.chunk_tokens)
+        self.add(batch, self.reduce(model, batch, hidden))
+
+    def reduce(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed NLL and scored tokens of each example of the batch (touches no state)."""
+        return batch_nll(model, batch, hidden, self.chunk_tokens)
+
+    def add(self, batch: Batch, partial: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Append one batch's `reduce` result (batches in table order)."""
+        sums, scored = partial
         self._ids.append(batch.example_ids.cpu().numpy())
         self._sums.append(sums.cpu().numpy())
         self._scored.append(scored.cpu().numpy())
@@ -250,8 +258,9 @@ def per_example_nll(
     batch_size: int = 8,
     device: str = "cpu",
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    streams: int | None = None,
 ) -> pa.Table:
-    """Per-example mean NLL of `model` on `examples` (an examples.arrow table)."""
+    """Per-example mean NLL of `model` on `examples` (an examples.arrow table); `streams` as in run_pass."""
     statistic = NLLStatistic(model_name, method, chunk_tokens)
-    run_pass(model, iter_batches(examples, batch_size, device), [statistic])
+    run_pass(model, iter_batches(examples, batch_size, device), [statistic], streams)
     return statistic.result()

@@ -5,14 +5,24 @@ and hands the final hidden state to every statistic registered for the pass. Sta
 batch (nothing of size examples × tokens × vocabulary is ever kept), so later stages (KL against FP
 side by side, residual norms, logit lens) add themselves to the same pass instead of re-running
 the model once per statistic.
+
+On a CPU with two or more threads a pass runs as two *streams*: Python threads, each running torch
+ops with half the threads (torch releases the GIL inside its ops). The small matmuls of a decoder
+split poorly across threads, so two streams of one thread each do more per second than one stream
+of two (README, Performance). A single-model pass gives each stream its own batches; the side-by-side
+pass runs the FP and the quantized forward of a batch at once. Results equal the one-stream pass.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import contextvars
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -56,7 +66,12 @@ def iter_batches(
 
 
 class Statistic(Protocol):
-    """A per-example statistic computed from one model pass."""
+    """A per-example statistic computed from one model pass.
+
+    A statistic may also split `update` into `reduce(model, batch, hidden)` (the batch's partial
+    result, no state touched: streams run it for two batches at once) and `add(batch, partial)`
+    (accumulation, called in batch order); `update` is then `add(batch, reduce(...))`.
+    """
 
     def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
         """Consume one batch; `hidden` is the final (normed) hidden state [batch, pos, d_model]."""
@@ -106,6 +121,48 @@ def _forward(model: torch.nn.Module, batch: Batch, statistics: Sequence[Statisti
     return hidden
 
 
+def default_streams(model: torch.nn.Module) -> int:
+    """Concurrent streams for a pass of `model`: 2 on a CPU given ≥ 2 torch threads, else 1.
+
+    Each of the two streams gets half the threads. On this project's 2-core machine, two 1-thread
+    streams ran the NLL pass 1.16x and the side-by-side pass 1.06x faster than one 2-thread stream,
+    with identical results (bench/nll_throughput.py --threads 2, 2026-12-03). GPUs keep one stream.
+    """
+    device = next(model.parameters()).device
+    return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
+
+
+@contextlib.contextmanager
+def _stream_pool(streams: int) -> Iterator[ThreadPoolExecutor]:
+    """`streams` worker threads whose torch ops use threads // streams intra-op threads each.
+
+    torch's thread count is process-wide for MKL and per OS thread for OpenMP (a new thread takes
+    the count set when it first runs an op), so it is lowered before the workers start and restored
+    after they have stopped; the pool is fresh per pass.
+    """
+    total = torch.get_num_threads()
+    torch.set_num_threads(max(1, total // streams))
+    try:
+        with ThreadPoolExecutor(streams, thread_name_prefix="qbreak-stream") as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(total)
+
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+def _in_inference(fn: Callable[..., _Result]) -> Callable[..., _Result]:
+    """`fn` under inference mode in whichever thread runs it (the mode is thread-local)."""
+
+    def run(*args: object) -> _Result:
+        with torch.inference_mode():
+            return fn(*args)
+
+    return run
+
+
 @torch.inference_mode()
 def run_pair_pass(
     fp_model: torch.nn.Module,
@@ -114,37 +171,170 @@ def run_pair_pass(
     statistics: Sequence[PairStatistic],
     fp_statistics: Sequence[Statistic] = (),
     q_statistics: Sequence[Statistic] = (),
+    streams: int | None = None,
 ) -> None:
     """Run the FP and the quantized model side by side on each batch and feed every statistic.
 
     Only one batch of either model's activations exists at a time, so comparisons that need both
     full distributions (KL) never store logits for the corpus. `fp_statistics` / `q_statistics`
-    observe one of the two models, as in `run_pass`.
+    observe one of the two models, as in `run_pass`. With 2 streams (`default_streams`) the two
+    forwards of a batch run at once, each with half the threads (each model's hooks fire only in
+    its own forward), and pair statistics can spread their work over both (`map_pair_streams`);
+    `streams` above 2 counts as 2.
     """
+    streams = default_streams(fp_model) if streams is None else streams
     with contextlib.ExitStack() as stack:
         _attached(fp_model, fp_statistics, stack)
         _attached(q_model, q_statistics, stack)
+        if streams < 2:
+            for batch in batches:
+                fp_hidden = _forward(fp_model, batch, fp_statistics)
+                _update_pair(statistics, batch, fp_model, fp_hidden, q_model, _forward(q_model, batch, q_statistics))
+                del fp_hidden
+            return
+        pool = stack.enter_context(_stream_pool(2))
+        token = _PAIR_POOL.set((pool, 2))
+        stack.callback(_PAIR_POOL.reset, token)
+        forward = _in_inference(_forward)
         for batch in batches:
-            fp = ModelState(fp_model, _forward(fp_model, batch, fp_statistics))
-            q = ModelState(q_model, _forward(q_model, batch, q_statistics))
-            for statistic in statistics:
-                statistic.update(batch, fp, q)
-            del fp, q
-            release_freed_memory()
+            fp_running = pool.submit(forward, fp_model, batch, fp_statistics)
+            q_running = pool.submit(forward, q_model, batch, q_statistics)
+            fp_hidden, q_hidden = fp_running.result(), q_running.result()
+            del fp_running, q_running
+            _update_pair(statistics, batch, fp_model, fp_hidden, q_model, q_hidden)
+            del fp_hidden, q_hidden
+
+
+# The running side-by-side pass's stream pool and its size, for its pair statistics (main thread).
+_PAIR_POOL: contextvars.ContextVar[tuple[ThreadPoolExecutor, int] | None] = contextvars.ContextVar(
+    "pair_pool", default=None
+)
+
+
+def pair_streams() -> int:
+    """Streams of the side-by-side pass running now in this thread (1 outside one, or with one stream)."""
+    running = _PAIR_POOL.get()
+    return 1 if running is None else running[1]
+
+
+def map_pair_streams(fn: Callable[[_Item], _Result], items: Sequence[_Item]) -> list[_Result]:
+    """`fn` over `items`, spread over the streams of the running side-by-side pass (else in turn).
+
+    For a pair statistic's independent pieces of work (CompareStatistic: its batch's positions in
+    `pair_streams()` parts), so that its head runs on every core as the two forwards did.
+    """
+    running = _PAIR_POOL.get()
+    if running is None or len(items) < 2:
+        return [fn(item) for item in items]
+    return list(running[0].map(_in_inference(fn), items))
+
+
+def _update_pair(
+    statistics: Sequence[PairStatistic],
+    batch: Batch,
+    fp_model: torch.nn.Module,
+    fp_hidden: torch.Tensor,
+    q_model: torch.nn.Module,
+    q_hidden: torch.Tensor,
+) -> None:
+    """Feed one batch of both models to the pair statistics, then return the freed heap."""
+    fp, q = ModelState(fp_model, fp_hidden), ModelState(q_model, q_hidden)
+    for statistic in statistics:
+        statistic.update(batch, fp, q)
+    del fp, q
+    release_freed_memory()
+
+
+def _observes_inside(statistic: object) -> bool:
+    """True for a statistic with hooks in the forward (`attach` / `begin`): one forward at a time."""
+    return hasattr(statistic, "attach") or hasattr(statistic, "begin")
 
 
 @torch.inference_mode()
-def run_pass(model: torch.nn.Module, batches: Iterator[Batch], statistics: Sequence[Statistic]) -> None:
+def run_pass(
+    model: torch.nn.Module, batches: Iterator[Batch], statistics: Sequence[Statistic], streams: int | None = None
+) -> None:
     """Run `model` once per batch and feed every statistic.
 
     A statistic may also define `attach(model)` (a context manager that registers its hooks for the
-    whole pass, see hooks.py) and `begin(batch)` (called before each forward).
+    whole pass, see hooks.py) and `begin(batch)` (called before each forward). Such statistics see
+    one forward at a time; without them the batches go to `streams` (`default_streams`) concurrent
+    streams, and the statistics still consume the batches one at a time, in order.
     """
+    streams = default_streams(model) if streams is None else streams
     with contextlib.ExitStack() as stack:
         _attached(model, statistics, stack)
-        for batch in batches:
-            _forward(model, batch, statistics)
+        if streams < 2 or any(_observes_inside(statistic) for statistic in statistics):
+            for batch in batches:
+                _forward(model, batch, statistics)
+                release_freed_memory()
+            return
+        pool = stack.enter_context(_stream_pool(streams))
+        _run_streams(model, batches, statistics, pool, streams)
+
+
+def _run_streams(
+    model: torch.nn.Module,
+    batches: Iterator[Batch],
+    statistics: Sequence[Statistic],
+    pool: ThreadPoolExecutor,
+    streams: int,
+) -> None:
+    """Each stream takes a batch, runs the forward and the statistics' `reduce`, then, when its turn
+    comes (batch order), their `add` or `update`; at most `streams` batches are in flight. A failed
+    batch still passes its turn on, so the other streams finish and the error reaches the caller."""
+    turns = _Turns()
+
+    def work(index: int, batch: Batch) -> None:
+        with torch.inference_mode():
+            try:
+                hidden = final_hidden_state(model, batch)
+                partials = [_reduce(statistic, model, batch, hidden) for statistic in statistics]
+            except BaseException:
+                with turns.wait(index):  # pass the turn on, so that the later batches finish
+                    pass
+                raise
+            with turns.wait(index):
+                for statistic, partial in zip(statistics, partials, strict=True):
+                    if partial is None:
+                        statistic.update(model, batch, hidden)
+                    else:
+                        statistic.add(batch, partial)  # type: ignore[attr-defined]
+
+    in_flight: deque[Future[None]] = deque()
+    for index, batch in enumerate(batches):
+        if len(in_flight) == streams:
+            in_flight.popleft().result()
             release_freed_memory()
+        in_flight.append(pool.submit(work, index, batch))
+    while in_flight:
+        in_flight.popleft().result()
+    release_freed_memory()
+
+
+def _reduce(statistic: Statistic, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> object | None:
+    """The statistic's partial result of a batch if it splits `update` (see Statistic), else None."""
+    reduce = getattr(statistic, "reduce", None)
+    return None if reduce is None else reduce(model, batch, hidden)
+
+
+class _Turns:
+    """Lets the statistics consume batch i only after batch i − 1 (they accumulate in table order)."""
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def wait(self, index: int) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: self._next == index)
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._next += 1
+                self._changed.notify_all()
 
 
 class LayerRows:

@@ -1,0 +1,124 @@
+"""Streams: a pass on two 1-thread streams gives exactly the one-stream results, in table order."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from qbreak.kl import CompareStatistic
+from qbreak.nll import NLLStatistic, per_example_nll
+from qbreak.passes import Batch, default_streams, iter_batches, run_pair_pass, run_pass
+from qbreak.residuals import AmplificationStatistic, ResidualStatistic
+from tests.conftest import make_tiny_llama, perturbed_copy
+from tests.test_kl import _examples
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[torch.nn.Module, torch.nn.Module]:
+    fp = make_tiny_llama(seed=5)
+    return fp, perturbed_copy(fp, scale=0.1, seed=6)
+
+
+@pytest.fixture()
+def two_threads() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_default_streams_follow_the_threads(pair: tuple[torch.nn.Module, torch.nn.Module]) -> None:
+    fp, _ = pair
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert default_streams(fp) == 1
+        torch.set_num_threads(2)
+        assert default_streams(fp) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_two_streams_give_the_one_stream_nll(pair: tuple[torch.nn.Module, torch.nn.Module], two_threads: None) -> None:
+    fp, _ = pair
+    examples = _examples(n=11, max_len=30)  # batches of 2: six batches, the last one short
+    one = per_example_nll(fp, examples, "tiny", "fp", batch_size=2, streams=1)
+    two = per_example_nll(fp, examples, "tiny", "fp", batch_size=2, streams=2)
+    assert two.column("example_id").to_pylist() == examples.column("example_id").to_pylist()
+    np.testing.assert_array_equal(two.column("nll").to_numpy(), one.column("nll").to_numpy())
+    assert torch.get_num_threads() == 2  # the pass restores the job's thread count
+
+
+class _Recorder:
+    """A hook-free statistic that records, per batch, the thread it ran in and its torch threads."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.seen: list[tuple[list[int], str, int]] = []
+        self.fail_at = fail_at
+
+    def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
+        if len(self.seen) == self.fail_at:
+            raise RuntimeError("statistic failed")
+        self.seen.append((batch.example_ids.tolist(), threading.current_thread().name, torch.get_num_threads()))
+
+
+def test_streams_feed_statistics_in_batch_order_on_one_thread_each(
+    pair: tuple[torch.nn.Module, torch.nn.Module], two_threads: None
+) -> None:
+    fp, _ = pair
+    examples = _examples(n=9)
+    recorder = _Recorder()
+    run_pass(fp, iter_batches(examples, 2), [recorder], streams=2)
+    expected = [batch.example_ids.tolist() for batch in iter_batches(examples, 2)]
+    assert [ids for ids, _, _ in recorder.seen] == expected
+    assert {name.startswith("qbreak-stream") for _, name, _ in recorder.seen} == {True}
+    assert {threads for _, _, threads in recorder.seen} == {1}
+
+
+def test_a_failing_stream_raises_and_restores_the_threads(
+    pair: tuple[torch.nn.Module, torch.nn.Module], two_threads: None
+) -> None:
+    fp, _ = pair
+    recorder = _Recorder(fail_at=2)
+    with pytest.raises(RuntimeError, match="statistic failed"):
+        run_pass(fp, iter_batches(_examples(n=12), 2), [recorder], streams=2)
+    assert len(recorder.seen) == 2
+    assert torch.get_num_threads() == 2
+
+
+def test_hook_statistics_keep_one_forward_at_a_time(
+    pair: tuple[torch.nn.Module, torch.nn.Module], two_threads: None
+) -> None:
+    fp, _ = pair
+    examples = _examples(n=7)
+    tables = []
+    for streams in (1, 2):
+        nll, residuals = NLLStatistic("tiny", "fp"), ResidualStatistic("tiny", "fp")
+        run_pass(fp, iter_batches(examples, 2), [nll, residuals], streams=streams)
+        tables.append((nll.result(), residuals.result()))
+    (nll_one, res_one), (nll_two, res_two) = tables
+    assert nll_two.equals(nll_one)
+    assert res_two.equals(res_one)
+
+
+def test_two_stream_pair_pass_equals_one_stream(
+    pair: tuple[torch.nn.Module, torch.nn.Module], two_threads: None
+) -> None:
+    fp, q = pair
+    examples = _examples(n=9, max_len=25)
+    results = []
+    for streams in (1, 2):
+        compare = CompareStatistic("tiny", "q", topk=8)
+        residuals = ResidualStatistic("tiny", "q")
+        amplification = AmplificationStatistic("tiny", "q", q)
+        run_pair_pass(
+            fp, q, iter_batches(examples, 2), [compare], fp_statistics=[amplification], q_statistics=[residuals],
+            streams=streams,
+        )
+        results.append((compare.kl_table(), compare.nll_table(), residuals.result(), amplification.result()))
+        assert torch.get_num_threads() == 2
+    for one, two in zip(*results, strict=True):
+        assert two.equals(one)
