@@ -111,14 +111,19 @@ def _attached(model: torch.nn.Module, statistics: Sequence[Statistic], stack: co
 
 
 def _forward(model: torch.nn.Module, batch: Batch, statistics: Sequence[Statistic]) -> torch.Tensor:
+    hidden = _observed_forward(model, batch, statistics)
+    for statistic in statistics:
+        statistic.update(model, batch, hidden)
+    return hidden
+
+
+def _observed_forward(model: torch.nn.Module, batch: Batch, statistics: Sequence[Statistic]) -> torch.Tensor:
+    """The final hidden state, after telling the statistics (`begin`) that their hooks see `batch`."""
     for statistic in statistics:
         begin = getattr(statistic, "begin", None)
         if begin is not None:
             begin(batch)
-    hidden = final_hidden_state(model, batch)
-    for statistic in statistics:
-        statistic.update(model, batch, hidden)
-    return hidden
+    return final_hidden_state(model, batch)
 
 
 def default_streams(model: torch.nn.Module) -> int:
@@ -195,12 +200,17 @@ def run_pair_pass(
         pool = stack.enter_context(_stream_pool(2))
         token = _PAIR_POOL.set((pool, 2))
         stack.callback(_PAIR_POOL.reset, token)
-        forward = _in_inference(_forward)
+        forward = _in_inference(_observed_forward)
         for batch in batches:
-            fp_running = pool.submit(forward, fp_model, batch, fp_statistics)
-            q_running = pool.submit(forward, q_model, batch, q_statistics)
+            # The forwards run in this context, so that hooks can hand work to a free stream (`in_background`).
+            fp_running = pool.submit(contextvars.copy_context().run, forward, fp_model, batch, fp_statistics)
+            q_running = pool.submit(contextvars.copy_context().run, forward, q_model, batch, q_statistics)
             fp_hidden, q_hidden = fp_running.result(), q_running.result()
             del fp_running, q_running
+            # Here, not in the workers: an update may wait for work its hooks handed to the streams.
+            for model, hidden, observers in ((fp_model, fp_hidden, fp_statistics), (q_model, q_hidden, q_statistics)):
+                for statistic in observers:
+                    statistic.update(model, batch, hidden)
             _update_pair(statistics, batch, fp_model, fp_hidden, q_model, q_hidden)
             del fp_hidden, q_hidden
 
@@ -227,6 +237,22 @@ def map_pair_streams(fn: Callable[[_Item], _Result], items: Sequence[_Item]) -> 
     if running is None or len(items) < 2:
         return [fn(item) for item in items]
     return list(running[0].map(_in_inference(fn), items))
+
+
+def in_background(fn: Callable[..., _Result], *args: object) -> Future[_Result]:
+    """`fn(*args)` queued for the first free stream of the running two-stream side-by-side pass;
+    elsewhere run now. Its Future (done, outside such a pass).
+
+    For hooks whose work can wait until their statistic's `update` (AmplificationStatistic: the
+    quantized MLP on the FP input): the quantized model's stream, which has less to do, picks it up
+    once its forward is done, instead of the FP stream doing all of it.
+    """
+    running = _PAIR_POOL.get()
+    if running is None:
+        done: Future[_Result] = Future()
+        done.set_result(fn(*args))
+        return done
+    return running[0].submit(_in_inference(fn), *args)
 
 
 def _update_pair(

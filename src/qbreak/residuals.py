@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 
 import numpy as np
 import pyarrow as pa
@@ -19,7 +20,7 @@ import torch
 
 from qbreak.hooks import decoder_layers, hooks
 from qbreak.io import AMPLIFICATION_SCHEMA, DIMS_SCHEMA, RESIDUALS_SCHEMA
-from qbreak.passes import Batch, LayerRows
+from qbreak.passes import Batch, LayerRows, in_background
 
 RESIDUAL_SITES = ("pre_norm", "post_norm", "block_out")
 
@@ -109,7 +110,7 @@ class AmplificationStatistic:
         self.q_layers = decoder_layers(q_model)
         self._mask: torch.Tensor | None = None
         self._inputs: dict[int, torch.Tensor] = {}
-        self._current: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._current: dict[int, Future[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer → (mse, power)
         self._rows = LayerRows()
 
     @contextlib.contextmanager
@@ -140,19 +141,27 @@ class AmplificationStatistic:
             assert self._mask is not None, "begin(batch) must precede the forward"
             if layer not in self._inputs:  # our own call of the quantized MLP, when it is hooked too
                 return None
-            y_q = self.q_layers[layer].mlp(self._inputs.pop(layer))
-            weights = self._mask.to(torch.float64)
-            count = weights.sum(dim=1).clamp_min(1.0)
-            mse = (y_q.float() - y_fp.float()).pow(2).mean(dim=-1).double()
-            power = y_fp.float().pow(2).mean(dim=-1).double()
-            self._current[layer] = ((mse * weights).sum(dim=1) / count, (power * weights).sum(dim=1) / count)
+            self._current[layer] = in_background(self._compare_mlps, layer, self._inputs.pop(layer), y_fp, self._mask)
             return None
 
         return compare
 
+    @torch.inference_mode()
+    def _compare_mlps(
+        self, layer: int, x_fp: torch.Tensor, y_fp: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example mean squared (quantized MLP(x_fp) − y_fp) and mean squared y_fp, float64 [batch]."""
+        y_q = self.q_layers[layer].mlp(x_fp)
+        weights = mask.to(torch.float64)
+        count = weights.sum(dim=1).clamp_min(1.0)
+        mse = (y_q.float() - y_fp.float()).pow(2).mean(dim=-1).double()
+        power = y_fp.float().pow(2).mean(dim=-1).double()
+        return (mse * weights).sum(dim=1) / count, (power * weights).sum(dim=1) / count
+
     def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
         ids = batch.example_ids.cpu().numpy()
-        for layer, (mse, power) in sorted(self._current.items()):
+        for layer, pending in sorted(self._current.items()):
+            mse, power = pending.result()
             self._rows.add(ids, layer, {"mlp_mse": mse.cpu().numpy(), "mlp_power": power.cpu().numpy()})
         self._current = {}
 
