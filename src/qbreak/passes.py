@@ -130,8 +130,8 @@ def default_streams(model: torch.nn.Module) -> int:
     """Concurrent streams for a pass of `model`: 2 on a CPU given ≥ 2 torch threads, else 1.
 
     Each of the two streams gets half the threads. On this project's 2-core machine, two 1-thread
-    streams ran the NLL pass 1.16x and the side-by-side pass 1.06x faster than one 2-thread stream,
-    with identical results (bench/nll_throughput.py --threads 2, 2026-12-03). GPUs keep one stream.
+    streams ran the NLL pass 1.13-1.16x and the compare job's pass 1.11-1.15x faster than one
+    2-thread stream, with identical results (README, Performance, 2026-12-03). GPUs keep one stream.
     """
     device = next(model.parameters()).device
     return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
