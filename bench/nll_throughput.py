@@ -80,22 +80,18 @@ def _concurrent_matmul_peak(a: torch.Tensor, b: torch.Tensor, threads: int, repe
             a @ b
             finish_line.wait()
 
-    torch.set_num_threads(1)  # before the workers' first op: they keep this count
-    try:
-        workers = [threading.Thread(target=work) for _ in range(threads)]
-        for worker in workers:
-            worker.start()
-        best = float("inf")
+    best = float("inf")
+
+    def time_rounds() -> None:
+        nonlocal best
         for round_ in range(repeats + 1):  # round 0 warms the new threads up
             start_line.wait()
             begin = time.perf_counter()
             finish_line.wait()
             if round_:
                 best = min(best, time.perf_counter() - begin)
-        for worker in workers:
-            worker.join()
-    finally:
-        torch.set_num_threads(threads)
+
+    on_one_thread_each([work] * threads, while_running=time_rounds)
     return threads * 2 * a.shape[0] ** 3 / best
 
 
@@ -131,16 +127,22 @@ def matmul_ceiling(model: torch.nn.Module, examples, batch_size: int) -> None:
 
 def matmul_ceiling_streams(model: torch.nn.Module, examples, batch_size: int) -> None:  # noqa: ANN001
     """`matmul_ceiling` as the passes' two streams run it: half the batches on each of two one-thread threads."""
+    half = examples.num_rows // 2
+    parts = (examples.slice(0, half), examples.slice(half))
+    on_one_thread_each([lambda part=part: matmul_ceiling(model, part, batch_size) for part in parts])
+
+
+def on_one_thread_each(targets: list[Callable[[], None]], while_running: Callable[[], None] = lambda: None) -> None:
+    """Run every target in its own Python thread with one torch thread each, then restore the count;
+    `while_running` runs in the calling thread meanwhile. torch's count is set before the threads'
+    first op, which they keep."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        half = examples.num_rows // 2
-        workers = [
-            threading.Thread(target=matmul_ceiling, args=(model, part, batch_size))
-            for part in (examples.slice(0, half), examples.slice(half))
-        ]
+        workers = [threading.Thread(target=target) for target in targets]
         for worker in workers:
             worker.start()
+        while_running()
         for worker in workers:
             worker.join()
     finally:
