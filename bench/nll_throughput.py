@@ -228,6 +228,7 @@ def main() -> None:
         ("FP+Q: full-logit KL reference", pair, lambda: side_by_side(model, quantized, examples, b, False, False)),
         ("compare job: + residuals, amplification", pair + 2 * n_mlp,
          lambda: side_by_side(model, quantized, examples, b, True, True)),
+        ("compare job, one stream", pair + 2 * n_mlp, lambda: side_by_side(model, quantized, examples, b, True, True, 1)),
     ]
     if args.threads < 2:  # one thread: the passes run one stream, the default paths are those
         paths = [path for path in paths if "stream" not in path[0]]
@@ -260,7 +261,8 @@ def main() -> None:
     if "NLL: qbreak, one stream" in by_name:
         print(f"two 1-thread streams vs one {args.threads}-thread stream: NLL pass "
               f"{by_name['NLL: qbreak, one stream'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x, FP+Q pass "
-              f"{by_name['FP+Q: qbreak, one stream'] / by_name['FP+Q: qbreak online KL']:.2f}x")
+              f"{by_name['FP+Q: qbreak, one stream'] / by_name['FP+Q: qbreak online KL']:.2f}x, compare job "
+              f"{by_name['compare job, one stream'] / by_name['compare job: + residuals, amplification']:.2f}x")
         for name, other in (("NLL", "NLL: qbreak, one stream"), ("FP+Q", "FP+Q: qbreak, one stream")):
             one = results[other]
             many = results["NLL: qbreak (online log-sum-exp)" if name == "NLL" else "FP+Q: qbreak online KL"]

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -10,7 +14,8 @@ import torch
 
 from qbreak.kl import CompareStatistic
 from qbreak.nll import NLLStatistic, per_example_nll
-from qbreak.passes import Batch, default_streams, iter_batches, run_pair_pass, run_pass
+from qbreak.hooks import hooks
+from qbreak.passes import HANDOFF_LIMIT, Batch, default_streams, in_background, iter_batches, run_pair_pass, run_pass
 from qbreak.residuals import AmplificationStatistic, ResidualStatistic
 from tests.conftest import make_tiny_llama, perturbed_copy
 from tests.test_kl import _examples
@@ -122,3 +127,52 @@ def test_two_stream_pair_pass_equals_one_stream(
         assert torch.get_num_threads() == 2
     for one, two in zip(*results, strict=True):
         assert two.equals(one)
+
+
+class _Handing:
+    """An FP statistic whose hook hands `per_site` items to the other stream at every MLP output,
+    and records how many were handed over and not yet started at once."""
+
+    def __init__(self, per_site: int) -> None:
+        self.per_site = per_site
+        self.pending = self.most_pending = self.done = 0
+        self.runners: set[str] = set()
+        self._lock = threading.Lock()
+        self._futures: list[Future[None]] = []
+
+    @contextlib.contextmanager
+    def attach(self, model: torch.nn.Module) -> Iterator[None]:
+        with hooks(model, {(layer, "down"): self._hand for layer in range(2)}):
+            yield
+
+    def begin(self, batch: Batch) -> None:
+        self._futures = []
+
+    def _hand(self, output: torch.Tensor) -> None:
+        for _ in range(self.per_site):
+            with self._lock:
+                self.pending += 1
+                self.most_pending = max(self.most_pending, self.pending)
+            self._futures.append(in_background(self._item))
+
+    def _item(self) -> None:
+        with self._lock:
+            self.pending -= 1
+            self.runners.add(threading.current_thread().name)
+        time.sleep(0.002)  # stands in for the quantized MLP
+        with self._lock:
+            self.done += 1
+
+    def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
+        for future in self._futures:
+            future.result()
+
+
+def test_handed_over_work_stays_bounded(pair: tuple[torch.nn.Module, torch.nn.Module], two_threads: None) -> None:
+    fp, q = pair
+    handing = _Handing(per_site=12)
+    run_pair_pass(fp, q, iter_batches(_examples(n=6), 2), [], fp_statistics=[handing], streams=2)
+    assert handing.done == 3 * 2 * 12  # every item ran, before its batch's update returned
+    # at most HANDOFF_LIMIT wait, and the stream that made the next one runs it
+    assert handing.most_pending <= HANDOFF_LIMIT + 1
+    assert {name.startswith("qbreak-stream") for name in handing.runners} == {True}

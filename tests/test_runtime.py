@@ -1,4 +1,5 @@
-"""Process settings of model jobs: the glibc allocator thresholds behind the passes' page faults."""
+"""Process settings of model jobs: the glibc allocator thresholds behind the passes' page faults,
+and one heap for all threads."""
 
 from __future__ import annotations
 
@@ -38,3 +39,34 @@ def _mmapped_bytes(mode: str) -> int:
 def test_configure_serves_activation_buffers_from_the_heap() -> None:
     assert _mmapped_bytes("plain") >= 12 << 20  # glibc's default: a fresh mapping (faults on every use)
     assert _mmapped_bytes("configure") == 0  # after the job's configure: the reusable heap
+
+
+# In a fresh interpreter: the heaps (arenas) glibc has after another thread allocated a tensor.
+ARENAS = """
+import ctypes, sys, tempfile, threading, torch
+from qbreak import runtime
+if sys.argv[1] == "configure":
+    runtime.configure(1)
+kept = []
+worker = threading.Thread(target=lambda: kept.append(torch.ones(1 << 18)))
+worker.start()
+worker.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+with tempfile.NamedTemporaryFile(suffix=".xml") as report:
+    stream = libc.fopen(report.name.encode(), b"w")
+    libc.malloc_info(0, ctypes.c_void_p(stream))
+    libc.fclose(ctypes.c_void_p(stream))
+    print(open(report.name).read().count("<heap nr="))
+"""
+
+
+def _arenas(mode: str) -> int:
+    result = subprocess.run([sys.executable, "-c", ARENAS, mode], capture_output=True, text=True, check=True)
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="glibc's mallopt/malloc_info are what is under test")
+def test_configure_keeps_every_thread_on_one_heap() -> None:
+    assert _arenas("plain") >= 2  # glibc's default: the worker thread got a heap of its own
+    assert _arenas("configure") == 1

@@ -22,12 +22,14 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from qbreak.errors import QbreakError
+from qbreak.hooks import decoder_layers
 from qbreak.runtime import release_freed_memory
 
 
@@ -198,16 +200,22 @@ def run_pair_pass(
                 del fp_hidden
             return
         pool = stack.enter_context(_stream_pool(2))
-        token = _PAIR_POOL.set((pool, 2))
+        handoffs = _Handoffs(limit=HANDOFF_LIMIT)
+        for model in {id(fp_model): fp_model, id(q_model): q_model}.values():
+            _after_each_layer(model, handoffs.after_layer, stack)
+        token = _PAIR_POOL.set(_PairStreams(pool, 2, handoffs))
         stack.callback(_PAIR_POOL.reset, token)
-        forward = _in_inference(_observed_forward)
+        forward = _in_inference(handoffs.forward_then_help)
         for batch in batches:
-            # The forwards run in this context, so that hooks can hand work to a free stream (`in_background`).
-            fp_running = pool.submit(contextvars.copy_context().run, forward, fp_model, batch, fp_statistics)
-            q_running = pool.submit(contextvars.copy_context().run, forward, q_model, batch, q_statistics)
+            handoffs.begin(streams=2)
+            # The forwards run in this context, so that their hooks can hand work over (`in_background`).
+            fp_running, q_running = (
+                pool.submit(contextvars.copy_context().run, forward, _observed_forward, model, batch, observers)
+                for model, observers in ((fp_model, fp_statistics), (q_model, q_statistics))
+            )
             fp_hidden, q_hidden = fp_running.result(), q_running.result()
             del fp_running, q_running
-            # Here, not in the workers: an update may wait for work its hooks handed to the streams.
+            # Here, after both streams and the work their hooks handed over are done.
             for model, hidden, observers in ((fp_model, fp_hidden, fp_statistics), (q_model, q_hidden, q_statistics)):
                 for statistic in observers:
                     statistic.update(model, batch, hidden)
@@ -215,16 +223,116 @@ def run_pair_pass(
             del fp_hidden, q_hidden
 
 
-# The running side-by-side pass's stream pool and its size, for its pair statistics (main thread).
-_PAIR_POOL: contextvars.ContextVar[tuple[ThreadPoolExecutor, int] | None] = contextvars.ContextVar(
-    "pair_pool", default=None
-)
+# Handed-over work items that may wait at once in a two-stream side-by-side pass (`in_background`):
+# each holds its inputs (AmplificationStatistic: two [batch, pos, d_model] activations).
+HANDOFF_LIMIT = 2
+
+
+def _after_each_layer(model: torch.nn.Module, fn: Callable[[], None], stack: contextlib.ExitStack) -> None:
+    """Call `fn()` after each decoder layer of `model` for the rest of the pass (no decoder layers: never)."""
+    try:
+        layers = decoder_layers(model)
+    except QbreakError:
+        return
+    for layer in layers:
+        stack.callback(layer.register_forward_hook(lambda *_: fn()).remove)
+
+
+class _Handoffs:
+    """Work the hooks of one stream hand to the other (`in_background`), in a two-stream pass.
+
+    During its forward a stream runs one waiting item of the *other* stream after each of its
+    decoder layers; once its forward is done it runs any waiting item until every stream's forward
+    is done and none waits. A new item is handed over only while the other stream keeps pace (its
+    decoder layers done, less the items waiting for it, at least this stream's less one) and fewer
+    than `limit` wait; otherwise the stream that made it runs it at once. So the streams finish
+    their batch together (AmplificationStatistic hands over the quantized MLP on every FP MLP
+    input, 0.6 of a forward made in the FP stream, while the quantized stream also carries the
+    residual statistics' hooks), and the waiting inputs stay a few layers' worth: a plain queue,
+    emptied once the quantized forward was done, held every layer's inputs (bench/
+    memory_scaling.py: compare_to_fp's peak RSS 1.21x from 16 to 128 examples).
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._waiting: deque[tuple[int, Future[Any], Callable[..., Any], tuple[object, ...]]] = deque()
+        self._forwards = 0
+        self._layers: dict[int, int] = {}  # thread → decoder layers done in this batch
+        self._changed = threading.Condition()
+
+    def begin(self, streams: int) -> None:
+        """A batch starts: `streams` forwards are about to run."""
+        with self._changed:
+            self._forwards = streams
+            self._layers = {}
+
+    def submit(self, fn: Callable[..., _Result], args: tuple[object, ...]) -> Future[_Result]:
+        """Hand `fn(*args)` over, or run it now (outside a forward, or see above); its Future."""
+        future: Future[_Result] = Future()
+        with self._changed:
+            me = threading.get_ident()
+            others = [done for thread, done in self._layers.items() if thread != me]
+            keeps_pace = bool(others) and max(others) - len(self._waiting) >= self._layers.get(me, 0) - 1
+            if self._forwards > 0 and keeps_pace and len(self._waiting) < self.limit:
+                self._waiting.append((me, future, fn, args))
+                self._changed.notify_all()
+                return future
+        _run_into(future, fn, args)
+        return future
+
+    def after_layer(self) -> None:
+        """Count a decoder layer of this stream, then run the oldest waiting item another stream
+        handed over, if there is one."""
+        with self._changed:
+            me = threading.get_ident()
+            self._layers[me] = self._layers.get(me, 0) + 1
+            item = next((item for item in self._waiting if item[0] != me), None)
+            if item is None:
+                return
+            self._waiting.remove(item)
+        _run_into(*item[1:])
+
+    def forward_then_help(self, forward: Callable[..., _Result], *args: object) -> _Result:
+        """`forward(*args)`, then run waiting items until all forwards are done and none waits."""
+        try:
+            return forward(*args)
+        finally:
+            with self._changed:
+                self._forwards -= 1
+                self._changed.notify_all()
+            while True:
+                with self._changed:
+                    self._changed.wait_for(lambda: self._waiting or self._forwards == 0)
+                    if not self._waiting:
+                        break
+                    _, future, fn, fn_args = self._waiting.popleft()
+                _run_into(future, fn, fn_args)
+
+
+def _run_into(future: Future[_Result], fn: Callable[..., _Result], args: tuple[object, ...]) -> None:
+    """Run `fn(*args)` under inference mode and settle `future` with its result or its error."""
+    try:
+        with torch.inference_mode():
+            future.set_result(fn(*args))
+    except BaseException as exc:  # noqa: BLE001 (handed to whoever waits on the future)
+        future.set_exception(exc)
+
+
+@dataclass(frozen=True)
+class _PairStreams:
+    pool: ThreadPoolExecutor
+    streams: int
+    handoffs: _Handoffs
+
+
+# The running side-by-side pass's streams (pool, count, handed-over work), for its statistics.
+_PAIR_POOL: contextvars.ContextVar[_PairStreams | None] = contextvars.ContextVar("pair_pool", default=None)
 
 
 def pair_streams() -> int:
     """Streams of the side-by-side pass running now in this thread (1 outside one, or with one stream)."""
     running = _PAIR_POOL.get()
-    return 1 if running is None else running[1]
+    return 1 if running is None else running.streams
 
 
 def map_pair_streams(fn: Callable[[_Item], _Result], items: Sequence[_Item]) -> list[_Result]:
@@ -236,23 +344,24 @@ def map_pair_streams(fn: Callable[[_Item], _Result], items: Sequence[_Item]) -> 
     running = _PAIR_POOL.get()
     if running is None or len(items) < 2:
         return [fn(item) for item in items]
-    return list(running[0].map(_in_inference(fn), items))
+    return list(running.pool.map(_in_inference(fn), items))
 
 
 def in_background(fn: Callable[..., _Result], *args: object) -> Future[_Result]:
-    """`fn(*args)` queued for the first free stream of the running two-stream side-by-side pass;
-    elsewhere run now. Its Future (done, outside such a pass).
+    """`fn(*args)` handed to the other stream of the running two-stream side-by-side pass (run by
+    the handing stream itself when enough work already waits, see `_Handoffs`); elsewhere run now.
+    Its Future (done, outside such a pass).
 
     For hooks whose work can wait until their statistic's `update` (AmplificationStatistic: the
-    quantized MLP on the FP input): the quantized model's stream, which has less to do, picks it up
-    once its forward is done, instead of the FP stream doing all of it.
+    quantized MLP on the FP input): the quantized model's stream takes about half of it between
+    its own layers, instead of the FP stream doing all of it.
     """
     running = _PAIR_POOL.get()
     if running is None:
         done: Future[_Result] = Future()
         done.set_result(fn(*args))
         return done
-    return running[0].submit(_in_inference(fn), *args)
+    return running.handoffs.submit(fn, args)
 
 
 def _update_pair(
