@@ -199,10 +199,10 @@ def run_pair_pass(
                 _update_pair(statistics, batch, fp_model, fp_hidden, q_model, _forward(q_model, batch, q_statistics))
                 del fp_hidden
             return
-        pool = stack.enter_context(_stream_pool(2))
         handoffs = _Handoffs(limit=HANDOFF_LIMIT)
         for model in {id(fp_model): fp_model, id(q_model): q_model}.values():
             _after_each_layer(model, handoffs.after_layer, stack)
+        pool = stack.enter_context(_stream_pool(2))  # stops (its forwards done) before the hooks go
         token = _PAIR_POOL.set(_PairStreams(pool, 2, handoffs))
         stack.callback(_PAIR_POOL.reset, token)
         forward = _in_inference(handoffs.forward_then_help)
