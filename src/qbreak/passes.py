@@ -312,8 +312,7 @@ class _Handoffs:
 def _run_into(future: Future[_Result], fn: Callable[..., _Result], args: tuple[object, ...]) -> None:
     """Run `fn(*args)` under inference mode and settle `future` with its result or its error."""
     try:
-        with torch.inference_mode():
-            future.set_result(fn(*args))
+        future.set_result(_in_inference(fn)(*args))
     except BaseException as exc:  # noqa: BLE001 (handed to whoever waits on the future)
         future.set_exception(exc)
 
