@@ -46,8 +46,8 @@ import torch
 from qbreak.io import EXAMPLES_SCHEMA, read_table
 from qbreak.kl import CompareStatistic
 from qbreak.models import load_model
-from qbreak.nll import DEFAULT_VOCAB_BLOCK, block_buffer, block_view, chunk_slices, per_example_nll
-from qbreak.passes import iter_batches, run_pair_pass
+from qbreak.nll import DEFAULT_VOCAB_BLOCK, NLLStatistic, block_buffer, block_view, chunk_slices, per_example_nll
+from qbreak.passes import iter_batches, run_pair_pass, run_pass
 from qbreak.quantize.base import replace_decoder_weights
 from qbreak.quantize.rtn import rtn_quantize_tensor
 from qbreak.residuals import AmplificationStatistic, ResidualStatistic
@@ -181,6 +181,13 @@ def chunked_full_vocab_nll(model: torch.nn.Module, examples, batch_size: int, ch
     return np.concatenate(out)
 
 
+def fp_job(model: torch.nn.Module, examples, batch_size: int, streams: int | None = None) -> ResidualStatistic:  # noqa: ANN001
+    """The score_fp job's pass: NLL and the residual statistics' hooks in one forward per batch."""
+    residuals = ResidualStatistic("m", "fp")
+    run_pass(model, iter_batches(examples, batch_size), [NLLStatistic("m", "fp"), residuals], streams=streams)
+    return residuals
+
+
 def side_by_side(
     fp, q, examples, batch_size: int, online: bool, full_job: bool, streams: int | None = None  # noqa: ANN001
 ) -> CompareStatistic:
@@ -223,6 +230,8 @@ def main() -> None:
         ("NLL: qbreak, one stream", 2 * n_params, lambda: per_example_nll(model, examples, "m", "fp", b, streams=1)),
         ("NLL: previous chunked path", 2 * n_params, lambda: chunked_full_vocab_nll(model, examples, b)),
         ("NLL: transformers + log_softmax", 2 * n_params, lambda: naive_nll(model, examples, b)),
+        ("score_fp job: NLL + residual statistics", 2 * n_params, lambda: fp_job(model, examples, b)),
+        ("score_fp job, one stream", 2 * n_params, lambda: fp_job(model, examples, b, 1)),
         ("FP+Q: qbreak online KL", pair, lambda: side_by_side(model, quantized, examples, b, True, False)),
         ("FP+Q: qbreak, one stream", pair, lambda: side_by_side(model, quantized, examples, b, True, False, 1)),
         ("FP+Q: full-logit KL reference", pair, lambda: side_by_side(model, quantized, examples, b, False, False)),
@@ -261,7 +270,8 @@ def main() -> None:
     if "NLL: qbreak, one stream" in by_name:
         print(f"two 1-thread streams vs one {args.threads}-thread stream: NLL pass "
               f"{by_name['NLL: qbreak, one stream'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x, FP+Q pass "
-              f"{by_name['FP+Q: qbreak, one stream'] / by_name['FP+Q: qbreak online KL']:.2f}x, compare job "
+              f"{by_name['FP+Q: qbreak, one stream'] / by_name['FP+Q: qbreak online KL']:.2f}x, score_fp job "
+              f"{by_name['score_fp job, one stream'] / by_name['score_fp job: NLL + residual statistics']:.2f}x, compare job "
               f"{by_name['compare job, one stream'] / by_name['compare job: + residuals, amplification']:.2f}x")
         for name, other in (("NLL", "NLL: qbreak, one stream"), ("FP+Q", "FP+Q: qbreak, one stream")):
             one = results[other]
@@ -270,6 +280,8 @@ def main() -> None:
                 one, many = one.kl_table(), many.kl_table()
             column = "nll" if name == "NLL" else "kl_fp_q"
             print(f"max |Δ{column}| two streams vs one: {np.abs(one.column(column).to_numpy() - many.column(column).to_numpy()).max():.2e}")
+        same = results["score_fp job, one stream"].result().equals(results["score_fp job: NLL + residual statistics"].result())
+        print(f"score_fp residual statistics, two streams vs one: {'identical' if same else 'DIFFERENT'}")
     print(f"FP+Q speed-up vs full-logit KL {by_name['FP+Q: full-logit KL reference'] / by_name['FP+Q: qbreak online KL']:.2f}x")
     for name in ("NLL: previous chunked path", "NLL: transformers + log_softmax"):
         print(f"max |ΔNLL| qbreak vs {name[5:]}: {np.abs(nll_fast - results[name]).max():.2e}")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from qbreak.kl import CompareStatistic
+from qbreak.lens import LogitLensStatistic
 from qbreak.nll import NLLStatistic, per_example_nll
 from qbreak.hooks import hooks
 from qbreak.passes import HANDOFF_LIMIT, Batch, default_streams, in_background, iter_batches, run_pair_pass, run_pass
@@ -94,19 +95,56 @@ def test_a_failing_stream_raises_and_restores_the_threads(
     assert torch.get_num_threads() == 2
 
 
-def test_hook_statistics_keep_one_forward_at_a_time(
+class _ThreadNames:
+    """A hooked statistic without per-forward state: it records the threads its hook fired in."""
+
+    def __init__(self) -> None:
+        self.threads: set[str] = set()
+
+    @contextlib.contextmanager
+    def attach(self, model: torch.nn.Module) -> Iterator[None]:
+        with hooks(model, {(0, "block_out"): self._record}):
+            yield
+
+    def _record(self, x: torch.Tensor) -> None:
+        self.threads.add(threading.current_thread().name)
+
+    def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
+        pass
+
+
+def test_hook_statistics_run_on_streams_only_when_stream_safe(
     pair: tuple[torch.nn.Module, torch.nn.Module], two_threads: None
 ) -> None:
     fp, _ = pair
     examples = _examples(n=7)
-    tables = []
+    results = []
     for streams in (1, 2):
         nll, residuals = NLLStatistic("tiny", "fp"), ResidualStatistic("tiny", "fp")
-        run_pass(fp, iter_batches(examples, 2), [nll, residuals], streams=streams)
-        tables.append((nll.result(), residuals.result()))
-    (nll_one, res_one), (nll_two, res_two) = tables
-    assert nll_two.equals(nll_one)
-    assert res_two.equals(res_one)
+        lens, threads = LogitLensStatistic("tiny", "fp"), _ThreadNames()
+        run_pass(fp, iter_batches(examples, 2), [nll, residuals, lens], streams=streams)
+        run_pass(fp, iter_batches(examples, 2), [threads], streams=streams)
+        results.append((nll.result(), residuals.result(), lens.result(), residuals.mean_abs_per_dim(), threads.threads))
+    (*one, abs_one, threads_one), (*two, abs_two, threads_two) = results
+    for table_one, table_two in zip(one, two, strict=True):
+        assert table_two.equals(table_one)
+    assert abs_two.keys() == abs_one.keys()
+    for layer, values in abs_one.items():
+        np.testing.assert_array_equal(abs_two[layer], values)
+    # a hooked statistic that is not stream-safe keeps one forward at a time, in the caller's thread
+    assert threads_one == threads_two == {threading.current_thread().name}
+
+
+def test_stream_safe_hooks_run_in_the_streams(
+    pair: tuple[torch.nn.Module, torch.nn.Module], two_threads: None
+) -> None:
+    fp, _ = pair
+    residuals = ResidualStatistic("tiny", "fp")
+    seen: set[str] = set()
+    with hooks(fp, {(1, "pre_norm"): lambda x: seen.add(threading.current_thread().name)}):
+        run_pass(fp, iter_batches(_examples(n=7), 2), [residuals], streams=2)
+    assert seen and {name.startswith("qbreak-stream") for name in seen} == {True}
+    assert residuals.result().num_rows == 7 * 2 * 3  # examples × layers × sites
 
 
 def test_two_stream_pair_pass_equals_one_stream(

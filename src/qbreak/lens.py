@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import pyarrow as pa
 import torch
@@ -19,11 +20,24 @@ from qbreak.errors import QbreakError
 from qbreak.hooks import decoder_layers, hooks
 from qbreak.io import LENS_SCHEMA, RESTORE_SCHEMA
 from qbreak.nll import DEFAULT_CHUNK_TOKENS, ScoredPositions, has_plain_lm_head, per_example_nll, token_nll
-from qbreak.passes import Batch, LayerRows, iter_batches, run_pass
+from qbreak.passes import Batch, LayerRows, PerForward, iter_batches, run_pass
+
+
+@dataclass
+class _LensForward:
+    """One forward's scored positions and, per decoded layer, the per-example mean NLL."""
+
+    positions: ScoredPositions
+    nll: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class LogitLensStatistic:
-    """Per example and layer: mean NLL of the next token decoded from that layer's output."""
+    """Per example and layer: mean NLL of the next token decoded from that layer's output.
+
+    Stream-safe: each forward's hooks fill their own `_LensForward`, consumed in batch order.
+    """
+
+    stream_safe = True
 
     def __init__(
         self, model_name: str, method: str, layers: Sequence[int] | None = None,
@@ -31,8 +45,7 @@ class LogitLensStatistic:
     ) -> None:
         self.model_name, self.method, self.chunk_tokens = model_name, method, chunk_tokens
         self.layers = None if layers is None else sorted(set(layers))
-        self._positions: ScoredPositions | None = None
-        self._current: dict[int, torch.Tensor] = {}
+        self._forward: PerForward[_LensForward] = PerForward()
         self._rows = LayerRows()
 
     @contextlib.contextmanager
@@ -50,25 +63,23 @@ class LogitLensStatistic:
             yield
 
     def begin(self, batch: Batch) -> None:
-        self._positions = ScoredPositions.of(batch)
-        self._current = {}
+        self._forward.begin(batch, _LensForward(ScoredPositions.of(batch)))
 
     def _decoder(self, layer: int, norm: torch.nn.Module, head: torch.nn.Linear):  # noqa: ANN202 (a hook closure)
         def decode(x: torch.Tensor) -> None:
-            positions = self._positions
-            assert positions is not None, "begin(batch) must precede the forward"
+            forward = self._forward.current
+            positions = forward.positions
             states = positions.states(norm(x))
             nll = token_nll(states, head.weight, positions.targets, head.bias, self.chunk_tokens)
-            self._current[layer] = positions.per_example_sum(nll) / positions.mask.sum(dim=1).clamp_min(1)
+            forward.nll[layer] = positions.per_example_sum(nll) / positions.mask.sum(dim=1).clamp_min(1)
             return None
 
         return decode
 
     def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
         ids = batch.example_ids.cpu().numpy()
-        for layer, nll in sorted(self._current.items()):
+        for layer, nll in sorted(self._forward.finish(batch).nll.items()):
             self._rows.add(ids, layer, {"nll": nll.double().cpu().numpy()})
-        self._current = {}
 
     def result(self) -> pa.Table:
         """One row per example and decoded layer (io.LENS_SCHEMA)."""

@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -379,9 +379,43 @@ def _update_pair(
     release_freed_memory()
 
 
-def _observes_inside(statistic: object) -> bool:
-    """True for a statistic with hooks in the forward (`attach` / `begin`): one forward at a time."""
-    return hasattr(statistic, "attach") or hasattr(statistic, "begin")
+_State = TypeVar("_State")
+
+
+class PerForward(Generic[_State]):
+    """What a hooked statistic gathers during one forward, kept apart per forward so that streams
+    may run forwards at once.
+
+    `begin(batch, state)`, called in the thread that then runs the forward (`begin` of the
+    statistic), makes `state` that thread's `current`, which the statistic's hooks fill; `finish(batch)`
+    hands the batch's state back in any thread (the side-by-side pass calls `update` in its own
+    thread, after both forwards). A statistic built on it sets `stream_safe = True` (see run_pass).
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._open: dict[int, _State] = {}  # id(batch) → state, until `finish`
+
+    def begin(self, batch: Batch, state: _State) -> None:
+        self._local.state = state
+        self._open[id(batch)] = state
+
+    @property
+    def current(self) -> _State:
+        state: _State | None = getattr(self._local, "state", None)
+        if state is None:
+            raise AssertionError("begin(batch) must precede the forward, in the thread that runs it")
+        return state
+
+    def finish(self, batch: Batch) -> _State:
+        return self._open.pop(id(batch))
+
+
+def _one_forward_at_a_time(statistic: object) -> bool:
+    """True for a statistic with hooks in the forward (`attach` / `begin`) whose hooks keep their
+    state in the statistic itself, not per forward (`PerForward`, `stream_safe`)."""
+    observes_inside = hasattr(statistic, "attach") or hasattr(statistic, "begin")
+    return observes_inside and not getattr(statistic, "stream_safe", False)
 
 
 @torch.inference_mode()
@@ -391,14 +425,16 @@ def run_pass(
     """Run `model` once per batch and feed every statistic.
 
     A statistic may also define `attach(model)` (a context manager that registers its hooks for the
-    whole pass, see hooks.py) and `begin(batch)` (called before each forward). Such statistics see
-    one forward at a time; without them the batches go to `streams` (`default_streams`) concurrent
-    streams, and the statistics still consume the batches one at a time, in order.
+    whole pass, see hooks.py) and `begin(batch)` (called before each forward, in the thread that
+    runs it). The batches go to `streams` (`default_streams`) concurrent streams, and the
+    statistics still consume them one at a time, in order; a statistic with hooks allows that only
+    if it keeps its per-forward state apart (`PerForward`, `stream_safe = True`), else the pass
+    runs one forward at a time.
     """
     streams = default_streams(model) if streams is None else streams
     with contextlib.ExitStack() as stack:
         _attached(model, statistics, stack)
-        if streams < 2 or any(_observes_inside(statistic) for statistic in statistics):
+        if streams < 2 or any(_one_forward_at_a_time(statistic) for statistic in statistics):
             for batch in batches:
                 _forward(model, batch, statistics)
                 release_freed_memory()
@@ -422,7 +458,7 @@ def _run_streams(
     def work(index: int, batch: Batch) -> None:
         with torch.inference_mode():
             try:
-                hidden = final_hidden_state(model, batch)
+                hidden = _observed_forward(model, batch, statistics)
                 partials = [_reduce(statistic, model, batch, hidden) for statistic in statistics]
             except BaseException:
                 with turns.wait(index):  # pass the turn on, so that the later batches finish

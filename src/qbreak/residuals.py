@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -20,7 +21,7 @@ import torch
 
 from qbreak.hooks import decoder_layers, hooks
 from qbreak.io import AMPLIFICATION_SCHEMA, DIMS_SCHEMA, RESIDUALS_SCHEMA
-from qbreak.passes import Batch, LayerRows, in_background
+from qbreak.passes import Batch, LayerRows, PerForward, in_background
 
 RESIDUAL_SITES = ("pre_norm", "post_norm", "block_out")
 
@@ -45,13 +46,27 @@ def statistic_mask(batch: Batch) -> torch.Tensor:
     return mask
 
 
+@dataclass
+class _ResidualForward:
+    """What the hooks of one forward gather: per (layer, site) the per-example norm and kurtosis,
+    per layer the summed |r^(l)| over the batch's counted tokens."""
+
+    mask: torch.Tensor
+    values: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    abs_sums: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
 class ResidualStatistic:
-    """Norms and kurtosis per example, layer and site, plus per-dimension mean |r^(l)| per layer."""
+    """Norms and kurtosis per example, layer and site, plus per-dimension mean |r^(l)| per layer.
+
+    Stream-safe: each forward's hooks fill their own `_ResidualForward`, consumed in batch order.
+    """
+
+    stream_safe = True
 
     def __init__(self, model_name: str, method: str, sites: Sequence[str] = RESIDUAL_SITES) -> None:
         self.model_name, self.method, self.sites = model_name, method, tuple(sites)
-        self._mask: torch.Tensor | None = None
-        self._current: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._forward: PerForward[_ResidualForward] = PerForward()
         self._rows = LayerRows()
         self._abs_sum: dict[int, torch.Tensor] = {}
         self._tokens = 0.0
@@ -65,28 +80,27 @@ class ResidualStatistic:
             yield
 
     def begin(self, batch: Batch) -> None:
-        self._mask = statistic_mask(batch)
-        self._current = {}
+        self._forward.begin(batch, _ResidualForward(statistic_mask(batch)))
 
     def _observer(self, layer: int, site: str):  # noqa: ANN202 (a hook closure)
         def observe(x: torch.Tensor) -> None:
-            assert self._mask is not None, "begin(batch) must precede the forward"
-            self._current[(layer, site)] = token_norm_kurtosis(x, self._mask)
+            forward = self._forward.current
+            forward.values[(layer, site)] = token_norm_kurtosis(x, forward.mask)
             if site == "pre_norm":
-                weights = self._mask.to(x.dtype)[..., None]
-                total = (x.abs() * weights).sum(dim=(0, 1)).double()
-                self._abs_sum[layer] = self._abs_sum.get(layer, 0) + total
+                weights = forward.mask.to(x.dtype)[..., None]
+                forward.abs_sums[layer] = (x.abs() * weights).sum(dim=(0, 1)).double()
             return None
 
         return observe
 
     def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
+        forward = self._forward.finish(batch)
         ids = batch.example_ids.cpu().numpy()
-        for (layer, site), (norm, kurtosis) in sorted(self._current.items()):
+        for (layer, site), (norm, kurtosis) in sorted(forward.values.items()):
             self._rows.add(ids, layer, {"norm": norm.cpu().numpy(), "kurtosis": kurtosis.cpu().numpy()}, site)
-        assert self._mask is not None
-        self._tokens += float(self._mask.sum())
-        self._current = {}
+        for layer, total in forward.abs_sums.items():  # in batch order: the sums do not depend on the streams
+            self._abs_sum[layer] = self._abs_sum.get(layer, 0) + total
+        self._tokens += float(forward.mask.sum())
 
     def result(self) -> pa.Table:
         """Long table: one row per example, layer and site (io.RESIDUALS_SCHEMA)."""
