@@ -13,11 +13,13 @@ Paths, on the same examples:
   vocabulary blocks at the pass's shapes, on random inputs): the MFU any implementation that keeps
   transformers' matmuls can reach; the gap between it and the NLL pass is the non-matmul work
   (norms, rotary, attention, SiLU·up, residual adds, log-sum-exp); with ≥ 2 threads also as two
-  1-thread streams (half the batches each), the layout of the passes' streams;
+  1-thread streams (half the batches each), the layout of the passes' streams, and for the
+  side-by-side pass each model's matmuls on its own stream (two weight sets in the caches);
 - with ≥ 2 threads, qbreak's passes as they run by default (two 1-thread streams, `passes.run_pass`)
   and with one stream of all threads (`streams=1`);
 - NLL pass: qbreak (online log-sum-exp over vocabulary blocks), the previous chunked path
   (log-sum-exp over full-vocabulary logits of 512 positions), plain transformers + log_softmax;
+  the score_fp job's pass (NLL and the residual statistics' hooks);
 - side-by-side FP + quantized pass (NLL, KL both ways, top-k KL): qbreak online vs the full-logit
   reference (`CompareStatistic(online=False)`), and the whole compare job (plus residual statistics
   and amplification).
@@ -132,6 +134,13 @@ def matmul_ceiling_streams(model: torch.nn.Module, examples, batch_size: int) ->
     on_one_thread_each([lambda part=part: matmul_ceiling(model, part, batch_size) for part in parts])
 
 
+def matmul_ceiling_pair(fp: torch.nn.Module, q: torch.nn.Module, examples, batch_size: int) -> None:  # noqa: ANN001
+    """`matmul_ceiling` as the side-by-side pass's streams run it: every batch through the FP model's
+    matmuls on one one-thread thread and through the quantized model's on the other (two weight
+    sets in the caches, where the single-model ceiling shares one)."""
+    on_one_thread_each([lambda model=model: matmul_ceiling(model, examples, batch_size) for model in (fp, q)])
+
+
 def on_one_thread_each(targets: list[Callable[[], None]], while_running: Callable[[], None] = lambda: None) -> None:
     """Run every target in its own Python thread with one torch thread each, then restore the count;
     `while_running` runs in the calling thread meanwhile. torch's count is set before the threads'
@@ -232,6 +241,7 @@ def main() -> None:
         ("NLL: transformers + log_softmax", 2 * n_params, lambda: naive_nll(model, examples, b)),
         ("score_fp job: NLL + residual statistics", 2 * n_params, lambda: fp_job(model, examples, b)),
         ("score_fp job, one stream", 2 * n_params, lambda: fp_job(model, examples, b, 1)),
+        ("ceiling, FP+Q: each model's on a stream", pair, lambda: matmul_ceiling_pair(model, quantized, examples, b)),
         ("FP+Q: qbreak online KL", pair, lambda: side_by_side(model, quantized, examples, b, True, False)),
         ("FP+Q: qbreak, one stream", pair, lambda: side_by_side(model, quantized, examples, b, True, False, 1)),
         ("FP+Q: full-logit KL reference", pair, lambda: side_by_side(model, quantized, examples, b, False, False)),
@@ -264,9 +274,12 @@ def main() -> None:
     by_name = {name: seconds for name, seconds, _, _ in rows}
     print(f"NLL speed-up vs previous chunked path {by_name['NLL: previous chunked path'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x, "
           f"vs transformers {by_name['NLL: transformers + log_softmax'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x")
-    ceiling = min(seconds for name, seconds in by_name.items() if name.startswith("ceiling"))
+    ceiling = min(seconds for name, seconds in by_name.items() if name.startswith("ceiling") and "FP+Q" not in name)
     print(f"NLL pass / matmul ceiling: {ceiling / by_name['NLL: qbreak (online log-sum-exp)']:.1%} "
           f"(the rest of a forward is non-matmul work)")
+    pair_ceiling = by_name.get("ceiling, FP+Q: each model's on a stream")
+    if pair_ceiling is not None:
+        print(f"FP+Q pass / its matmul ceiling: {pair_ceiling / by_name['FP+Q: qbreak online KL']:.1%}")
     if "NLL: qbreak, one stream" in by_name:
         print(f"two 1-thread streams vs one {args.threads}-thread stream: NLL pass "
               f"{by_name['NLL: qbreak, one stream'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x, FP+Q pass "
