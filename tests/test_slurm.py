@@ -6,6 +6,7 @@ daemons; the test is skipped, with the script's one-line reason, only when they 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from collections.abc import Iterator
@@ -37,6 +38,9 @@ def cluster() -> Iterator[None]:
     yield
     subprocess.run(["bash", str(REPO / "tests" / "slurm" / "stop-cluster.sh")], capture_output=True, timeout=120,
                    check=False)
+    # a link to the stopped controller's config would make every later snakemake start wait ~9 s
+    ours = Path(os.environ.get("QBREAK_SLURM_DIR", "/tmp/qbreak-slurm")) / "slurm.conf"
+    assert Path("/etc/slurm/slurm.conf").resolve() != ours.resolve(), "stop-cluster.sh left /etc/slurm/slurm.conf linked"
 
 
 def test_tiny_workflow_through_slurm_equals_the_local_run(

@@ -2,7 +2,11 @@
 # Stop the test cluster started by start-cluster.sh: cancel all jobs, then stop
 # slurmd, slurmctld and munged by their PID files. Idempotent; always exits 0.
 # The state directory (job state, logs) is kept, so start-cluster.sh can start
-# the same cluster again; delete $QBREAK_SLURM_DIR to start from scratch.
+# the same cluster again; delete $QBREAK_SLURM_DIR to start from scratch. The
+# /etc/slurm/slurm.conf link that start-cluster.sh made goes (it links it again):
+# left pointing at a stopped controller, every SLURM client call waits ~9 s for it,
+# and snakemake-executor-plugin-slurm runs `scontrol show config` whenever
+# snakemake starts (a no-op `snakemake` run took 13 s instead of 4 s).
 set -u
 
 DIR="${QBREAK_SLURM_DIR:-/tmp/qbreak-slurm}"
@@ -41,4 +45,5 @@ fi
 stop "$DIR/slurmd.pid" slurmd
 stop "$DIR/slurmctld.pid" slurmctld
 stop /run/munge/munged.pid munged
+[ "$(readlink /etc/slurm/slurm.conf 2>/dev/null)" = "$DIR/slurm.conf" ] && rm -f /etc/slurm/slurm.conf
 exit 0
