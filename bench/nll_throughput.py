@@ -14,7 +14,7 @@ Paths, on the same examples:
   transformers' matmuls can reach; the gap between it and the NLL pass is the non-matmul work
   (norms, rotary, attention, SiLU·up, residual adds, log-sum-exp); with ≥ 2 threads also as two
   1-thread streams (half the batches each), the layout of the passes' streams, and for the
-  side-by-side pass each model's matmuls on its own stream (two weight sets in the caches);
+  side-by-side pass each stream's batches through both models' matmuls;
 - with ≥ 2 threads, qbreak's passes as they run by default (two 1-thread streams, `passes.run_pass`)
   and with one stream of all threads (`streams=1`);
 - NLL pass: qbreak (online log-sum-exp over vocabulary blocks), the previous chunked path
@@ -135,10 +135,16 @@ def matmul_ceiling_streams(model: torch.nn.Module, examples, batch_size: int) ->
 
 
 def matmul_ceiling_pair(fp: torch.nn.Module, q: torch.nn.Module, examples, batch_size: int) -> None:  # noqa: ANN001
-    """`matmul_ceiling` as the side-by-side pass's streams run it: every batch through the FP model's
-    matmuls on one one-thread thread and through the quantized model's on the other (two weight
-    sets in the caches, where the single-model ceiling shares one)."""
-    on_one_thread_each([lambda model=model: matmul_ceiling(model, examples, batch_size) for model in (fp, q)])
+    """`matmul_ceiling` as the side-by-side pass's streams run it: each of two one-thread threads
+    takes every other batch through the FP model's matmuls, then the quantized model's."""
+
+    def every_other(first: int) -> None:
+        for start in range(first * batch_size, examples.num_rows, 2 * batch_size):
+            batch = examples.slice(start, batch_size)
+            matmul_ceiling(fp, batch, batch_size)
+            matmul_ceiling(q, batch, batch_size)
+
+    on_one_thread_each([lambda: every_other(0), lambda: every_other(1)])
 
 
 def on_one_thread_each(targets: list[Callable[[], None]], while_running: Callable[[], None] = lambda: None) -> None:
@@ -156,6 +162,21 @@ def on_one_thread_each(targets: list[Callable[[], None]], while_running: Callabl
             worker.join()
     finally:
         torch.set_num_threads(threads)
+
+
+def model_arguments(parser: argparse.ArgumentParser, n_examples: int) -> None:
+    """The benches' shared options: the model folder, the examples table, how many, the batch size."""
+    parser.add_argument("--model", default="results/models/smollm2-135m/fp")
+    parser.add_argument("--examples", default="results/corpus/wikipedia-vital/smollm2-135m/examples.arrow")
+    parser.add_argument("--n-examples", type=int, default=n_examples)
+    parser.add_argument("--batch-size", type=int, default=8)
+
+
+def rtn_copy(model: torch.nn.Module, bits: int = 3) -> torch.nn.Module:
+    """A real RTN (group 64) copy of `model`: the benches' quantized model."""
+    quantized = copy.deepcopy(model)
+    replace_decoder_weights(quantized, lambda w: rtn_quantize_tensor(w, bits, 64))
+    return quantized
 
 
 @torch.inference_mode()
@@ -212,18 +233,14 @@ def side_by_side(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="results/models/smollm2-135m/fp")
-    parser.add_argument("--examples", default="results/corpus/wikipedia-vital/smollm2-135m/examples.arrow")
-    parser.add_argument("--n-examples", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
+    model_arguments(parser, n_examples=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3, help="round-robin rounds over the paths; best time used")
     args = parser.parse_args()
     configure(args.threads)  # the job's settings: threads, glibc allocator thresholds
 
     model = load_model(Path(args.model))
-    quantized = copy.deepcopy(model)
-    replace_decoder_weights(quantized, lambda w: rtn_quantize_tensor(w, 3, 64))  # a real RTN W3 model
+    quantized = rtn_copy(model)  # a real RTN W3 model
     examples = read_table(args.examples, EXAMPLES_SCHEMA).slice(0, args.n_examples)
     n_tokens = sum(len(r) for r in examples.column("input_ids").to_pylist())
     n_params, n_mlp = forward_params(model), mlp_params(model)
@@ -241,7 +258,7 @@ def main() -> None:
         ("NLL: transformers + log_softmax", 2 * n_params, lambda: naive_nll(model, examples, b)),
         ("score_fp job: NLL + residual statistics", 2 * n_params, lambda: fp_job(model, examples, b)),
         ("score_fp job, one stream", 2 * n_params, lambda: fp_job(model, examples, b, 1)),
-        ("ceiling, FP+Q: each model's on a stream", pair, lambda: matmul_ceiling_pair(model, quantized, examples, b)),
+        ("ceiling, FP+Q: two 1-thread streams", pair, lambda: matmul_ceiling_pair(model, quantized, examples, b)),
         ("FP+Q: qbreak online KL", pair, lambda: side_by_side(model, quantized, examples, b, True, False)),
         ("FP+Q: qbreak, one stream", pair, lambda: side_by_side(model, quantized, examples, b, True, False, 1)),
         ("FP+Q: full-logit KL reference", pair, lambda: side_by_side(model, quantized, examples, b, False, False)),
@@ -277,7 +294,7 @@ def main() -> None:
     ceiling = min(seconds for name, seconds in by_name.items() if name.startswith("ceiling") and "FP+Q" not in name)
     print(f"NLL pass / matmul ceiling: {ceiling / by_name['NLL: qbreak (online log-sum-exp)']:.1%} "
           f"(the rest of a forward is non-matmul work)")
-    pair_ceiling = by_name.get("ceiling, FP+Q: each model's on a stream")
+    pair_ceiling = by_name.get("ceiling, FP+Q: two 1-thread streams")
     if pair_ceiling is not None:
         print(f"FP+Q pass / its matmul ceiling: {pair_ceiling / by_name['FP+Q: qbreak online KL']:.1%}")
     if "NLL: qbreak, one stream" in by_name:

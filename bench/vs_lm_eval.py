@@ -24,7 +24,6 @@ matter for speed). Bundled SmolLM2 (Q4_1 reference weights).
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -34,15 +33,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_eval_adapter import lm_eval_nll  # noqa: E402
-from nll_throughput import matmul_ceiling, matmul_ceiling_streams  # noqa: E402
+from nll_throughput import matmul_ceiling, matmul_ceiling_streams, model_arguments, rtn_copy  # noqa: E402
 
 from qbreak.io import EXAMPLES_SCHEMA, read_table  # noqa: E402
 from qbreak.kl import CompareStatistic  # noqa: E402
 from qbreak.models import load_model, load_tokenizer  # noqa: E402
 from qbreak.nll import NLLStatistic, per_example_nll  # noqa: E402
 from qbreak.passes import iter_batches, run_pair_pass, run_pass  # noqa: E402
-from qbreak.quantize.base import replace_decoder_weights  # noqa: E402
-from qbreak.quantize.rtn import rtn_quantize_tensor  # noqa: E402
 from qbreak.residuals import AmplificationStatistic, ResidualStatistic  # noqa: E402
 from qbreak.runtime import configure  # noqa: E402
 
@@ -82,10 +79,7 @@ def staged_analysis(fp, quantized, tokenizer, rows, examples, batch_size: int) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="results/models/smollm2-135m/fp")
-    parser.add_argument("--examples", default="results/corpus/wikipedia-vital/smollm2-135m/examples.arrow")
-    parser.add_argument("--n-examples", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=8)
+    model_arguments(parser, n_examples=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--methods", type=int, default=2, help="quantized models in the analysis comparison (1-2)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of every path; the best time is used")
@@ -133,11 +127,7 @@ def main() -> None:
               f"max |ΔNLL| two streams vs one: {np.abs(ours.column('nll').to_numpy() - one_stream.column('nll').to_numpy()).max():.2e}")
 
     # 2. The whole analysis of FP + M methods.
-    quantized = []
-    for bits in (3, 4)[: args.methods]:
-        q = copy.deepcopy(model)
-        replace_decoder_weights(q, lambda w, bits=bits: rtn_quantize_tensor(w, bits, 64))
-        quantized.append(q)
+    quantized = [rtn_copy(model, bits) for bits in (3, 4)[: args.methods]]
     fused_times, staged_times = [], []
     for _ in range(args.repeats):  # interleaved, the best of each
         fused_forwards, seconds = fused_analysis(model, quantized, examples, b)

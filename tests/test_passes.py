@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections.abc import Iterator
-from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ from qbreak.kl import CompareStatistic
 from qbreak.lens import LogitLensStatistic
 from qbreak.nll import NLLStatistic, per_example_nll
 from qbreak.hooks import hooks
-from qbreak.passes import HANDOFF_LIMIT, Batch, default_streams, in_background, iter_batches, run_pair_pass, run_pass
+from qbreak.passes import Batch, ModelState, default_streams, iter_batches, run_pair_pass, run_pass
 from qbreak.residuals import AmplificationStatistic, ResidualStatistic
 from tests.conftest import make_tiny_llama, perturbed_copy
 from tests.test_kl import _examples
@@ -167,50 +165,45 @@ def test_two_stream_pair_pass_equals_one_stream(
         assert two.equals(one)
 
 
-class _Handing:
-    """An FP statistic whose hook hands `per_site` items to the other stream at every MLP output,
-    and records how many were handed over and not yet started at once."""
+class _PairRecorder:
+    """A pair statistic that records, per batch, its examples, the thread it ran in and whether both
+    models' states came with it."""
 
-    def __init__(self, per_site: int) -> None:
-        self.per_site = per_site
-        self.pending = self.most_pending = self.done = 0
-        self.runners: set[str] = set()
-        self._lock = threading.Lock()
-        self._futures: list[Future[None]] = []
+    def __init__(self, fp: torch.nn.Module, q: torch.nn.Module, fail_at: int | None = None) -> None:
+        self.fp, self.q, self.fail_at = fp, q, fail_at
+        self.seen: list[tuple[list[int], str, bool]] = []
 
-    @contextlib.contextmanager
-    def attach(self, model: torch.nn.Module) -> Iterator[None]:
-        with hooks(model, {(layer, "down"): self._hand for layer in range(2)}):
-            yield
-
-    def begin(self, batch: Batch) -> None:
-        self._futures = []
-
-    def _hand(self, output: torch.Tensor) -> None:
-        for _ in range(self.per_site):
-            with self._lock:
-                self.pending += 1
-                self.most_pending = max(self.most_pending, self.pending)
-            self._futures.append(in_background(self._item))
-
-    def _item(self) -> None:
-        with self._lock:
-            self.pending -= 1
-            self.runners.add(threading.current_thread().name)
-        time.sleep(0.002)  # stands in for the quantized MLP
-        with self._lock:
-            self.done += 1
-
-    def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
-        for future in self._futures:
-            future.result()
+    def update(self, batch: Batch, fp: ModelState, q: ModelState) -> None:
+        if len(self.seen) == self.fail_at:
+            raise RuntimeError("pair statistic failed")
+        both = fp.model is self.fp and q.model is self.q and fp.hidden.shape == q.hidden.shape
+        self.seen.append((batch.example_ids.tolist(), threading.current_thread().name, both))
 
 
-def test_handed_over_work_stays_bounded(pair: tuple[torch.nn.Module, torch.nn.Module], two_threads: None) -> None:
+def test_pair_pass_streams_take_whole_batches_in_order(
+    pair: tuple[torch.nn.Module, torch.nn.Module], two_threads: None
+) -> None:
     fp, q = pair
-    handing = _Handing(per_site=12)
-    run_pair_pass(fp, q, iter_batches(_examples(n=6), 2), [], fp_statistics=[handing], streams=2)
-    assert handing.done == 3 * 2 * 12  # every item ran, before its batch's update returned
-    # at most HANDOFF_LIMIT wait, and the stream that made the next one runs it
-    assert handing.most_pending <= HANDOFF_LIMIT + 1
-    assert {name.startswith("qbreak-stream") for name in handing.runners} == {True}
+    examples = _examples(n=9)
+    expected = [batch.example_ids.tolist() for batch in iter_batches(examples, 2)]
+    recorder, residuals = _PairRecorder(fp, q), ResidualStatistic("tiny", "q")
+    run_pair_pass(fp, q, iter_batches(examples, 2), [recorder], q_statistics=[residuals], streams=2)
+    assert [ids for ids, _, _ in recorder.seen] == expected
+    assert {name.startswith("qbreak-stream") for _, name, _ in recorder.seen} == {True}
+    assert all(both for _, _, both in recorder.seen)
+    # an observer whose hooks keep no per-forward state gets one batch at a time, in the caller's thread
+    recorder, threads = _PairRecorder(fp, q), _ThreadNames()
+    run_pair_pass(fp, q, iter_batches(examples, 2), [recorder], fp_statistics=[threads], streams=2)
+    assert [ids for ids, _, _ in recorder.seen] == expected
+    assert threads.threads == {name for _, name, _ in recorder.seen} == {threading.current_thread().name}
+
+
+def test_a_failing_pair_stream_raises_and_restores_the_threads(
+    pair: tuple[torch.nn.Module, torch.nn.Module], two_threads: None
+) -> None:
+    fp, q = pair
+    recorder = _PairRecorder(fp, q, fail_at=2)
+    with pytest.raises(RuntimeError, match="pair statistic failed"):
+        run_pair_pass(fp, q, iter_batches(_examples(n=12), 2), [recorder], streams=2)
+    assert len(recorder.seen) == 2
+    assert torch.get_num_threads() == 2

@@ -35,15 +35,7 @@ from qbreak.nll import (
     logit_chunks,
     softmax_,
 )
-from qbreak.passes import (
-    Batch,
-    ModelState,
-    iter_batches,
-    map_pair_streams,
-    pair_streams,
-    run_pair_pass,
-    run_pass,
-)
+from qbreak.passes import Batch, ModelState, iter_batches, run_pair_pass, run_pass
 
 DEFAULT_TOPK = 32
 # Vocabulary rows per block of the online KL: five [chunk, block] float32 arrays stay near L3 size.
@@ -241,13 +233,21 @@ class CompareStatistic:
         self._sums = _PerExampleSums(self._VALUES)
 
     def update(self, batch: Batch, fp: ModelState, q: ModelState) -> None:
+        self.add(batch, self.reduce(batch, fp, q))
+
+    def reduce(self, batch: Batch, fp: ModelState, q: ModelState) -> tuple[ScoredPositions, dict[str, torch.Tensor]]:
+        """The batch's per-position values (the head's work; no state touched, streams run it at once)."""
         positions = ScoredPositions.of(batch)
         n = positions.targets.shape[0]
         values = {name: torch.empty(n, dtype=torch.float64, device=fp.hidden.device) for name in self._VALUES}
         for part, divergences in self._chunks(batch, fp, q, positions):
             for name, value in divergences.items():
                 values[name][part] = value.double()
-        self._sums.add(batch, positions, values)
+        return positions, values
+
+    def add(self, batch: Batch, partial: tuple[ScoredPositions, dict[str, torch.Tensor]]) -> None:
+        """Accumulate a batch's values (in batch order)."""
+        self._sums.add(batch, *partial)
 
     def _chunks(
         self, batch: Batch, fp: ModelState, q: ModelState, positions: ScoredPositions
@@ -257,17 +257,11 @@ class CompareStatistic:
         if self.online and has_plain_lm_head(fp.model) and has_plain_lm_head(q.model):
             head_fp, head_q = fp.model.get_output_embeddings(), q.model.get_output_embeddings()
             states_fp, states_q = positions.states(fp.hidden), positions.states(q.hidden)
-            n = states_fp.shape[0]
-            # In a two-stream pass the positions are split in two, one part per stream.
-            parts = list(chunk_slices(n, max(1, min(self.chunk_tokens, -(-n // pair_streams())))))
-
-            def divergences(part: slice) -> dict[str, torch.Tensor]:
-                return head_divergences(
+            for part in chunk_slices(states_fp.shape[0], self.chunk_tokens):
+                yield part, head_divergences(
                     states_fp[part], head_fp, states_q[part], head_q, positions.targets[part], self.topk,
                     self.vocab_block,
                 )
-
-            yield from zip(parts, map_pair_streams(divergences, parts), strict=True)
             return
         chunks = zip(
             logit_chunks(fp.model, batch, fp.hidden, positions, self.chunk_tokens),

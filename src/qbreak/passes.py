@@ -9,27 +9,24 @@ the model once per statistic.
 On a CPU with two or more threads a pass runs as two *streams*: Python threads, each running torch
 ops with half the threads (torch releases the GIL inside its ops). The small matmuls of a decoder
 split poorly across threads, so two streams of one thread each do more per second than one stream
-of two (README, Performance). A single-model pass gives each stream its own batches; the side-by-side
-pass runs the FP and the quantized forward of a batch at once. Results equal the one-stream pass.
+of two (README, Performance). Each stream takes its own batches (in the side-by-side pass, through
+both models), and the statistics consume them in batch order. Results equal the one-stream pass.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from qbreak.errors import QbreakError
-from qbreak.hooks import decoder_layers
 from qbreak.runtime import release_freed_memory
 
 
@@ -98,7 +95,11 @@ class ModelState:
 
 
 class PairStatistic(Protocol):
-    """A per-example statistic that compares the FP and a quantized model on the same batch."""
+    """A per-example statistic that compares the FP and a quantized model on the same batch.
+
+    As a Statistic, it may split `update` into `reduce(batch, fp, q)` (the batch's partial result,
+    run in the stream) and `add(batch, partial)` (called in batch order).
+    """
 
     def update(self, batch: Batch, fp: ModelState, q: ModelState) -> None:
         """Consume one batch, run through both models."""
@@ -156,20 +157,6 @@ def _stream_pool(streams: int) -> Iterator[ThreadPoolExecutor]:
         torch.set_num_threads(total)
 
 
-_Item = TypeVar("_Item")
-_Result = TypeVar("_Result")
-
-
-def _in_inference(fn: Callable[..., _Result]) -> Callable[..., _Result]:
-    """`fn` under inference mode in whichever thread runs it (the mode is thread-local)."""
-
-    def run(*args: object) -> _Result:
-        with torch.inference_mode():
-            return fn(*args)
-
-    return run
-
-
 @torch.inference_mode()
 def run_pair_pass(
     fp_model: torch.nn.Module,
@@ -182,185 +169,54 @@ def run_pair_pass(
 ) -> None:
     """Run the FP and the quantized model side by side on each batch and feed every statistic.
 
-    Only one batch of either model's activations exists at a time, so comparisons that need both
-    full distributions (KL) never store logits for the corpus. `fp_statistics` / `q_statistics`
-    observe one of the two models, as in `run_pass`. With 2 streams (`default_streams`) the two
-    forwards of a batch run at once, each with half the threads (each model's hooks fire only in
-    its own forward), and pair statistics can spread their work over both (`map_pair_streams`);
-    `streams` above 2 counts as 2.
+    Only one batch of either model's activations exists at a time per stream, so comparisons that
+    need both full distributions (KL) never store logits for the corpus. `fp_statistics` /
+    `q_statistics` observe one of the two models, as in `run_pass`. With 2 streams
+    (`default_streams`) each stream takes its own batches through both models and the pair
+    statistics' `reduce` (the KL head), and the statistics consume the batches in order, as in
+    `run_pass`; hooked observers must keep their state per forward (`stream_safe`), else the pass
+    runs one batch at a time. `streams` above 2 counts as 2.
     """
     streams = default_streams(fp_model) if streams is None else streams
+    observers = [*fp_statistics, *q_statistics]
     with contextlib.ExitStack() as stack:
         _attached(fp_model, fp_statistics, stack)
         _attached(q_model, q_statistics, stack)
-        if streams < 2:
+        if streams < 2 or any(_one_forward_at_a_time(statistic) for statistic in observers):
             for batch in batches:
                 fp_hidden = _forward(fp_model, batch, fp_statistics)
                 _update_pair(statistics, batch, fp_model, fp_hidden, q_model, _forward(q_model, batch, q_statistics))
                 del fp_hidden
             return
-        handoffs = _Handoffs(limit=HANDOFF_LIMIT)
-        for model in {id(fp_model): fp_model, id(q_model): q_model}.values():
-            _after_each_layer(model, handoffs.after_layer, stack)
-        pool = stack.enter_context(_stream_pool(2))  # stops (its forwards done) before the hooks go
-        token = _PAIR_POOL.set(_PairStreams(pool, 2, handoffs))
-        stack.callback(_PAIR_POOL.reset, token)
-        forward = _in_inference(handoffs.forward_then_help)
-        for batch in batches:
-            handoffs.begin(streams=2)
-            # The forwards run in this context, so that their hooks can hand work over (`in_background`).
-            fp_running, q_running = (
-                pool.submit(contextvars.copy_context().run, forward, _observed_forward, model, batch, observers)
-                for model, observers in ((fp_model, fp_statistics), (q_model, q_statistics))
-            )
-            fp_hidden, q_hidden = fp_running.result(), q_running.result()
-            del fp_running, q_running
-            # Here, after both streams and the work their hooks handed over are done.
-            for model, hidden, observers in ((fp_model, fp_hidden, fp_statistics), (q_model, q_hidden, q_statistics)):
-                for statistic in observers:
-                    statistic.update(model, batch, hidden)
-            _update_pair(statistics, batch, fp_model, fp_hidden, q_model, q_hidden)
-            del fp_hidden, q_hidden
+
+        def work(batch: Batch) -> Callable[[], None]:
+            fp = ModelState(fp_model, _observed_forward(fp_model, batch, fp_statistics))
+            q = ModelState(q_model, _observed_forward(q_model, batch, q_statistics))
+            single = [
+                (statistic, state, _reduce(statistic, state.model, batch, state.hidden))
+                for state, observing in ((fp, fp_statistics), (q, q_statistics))
+                for statistic in observing
+            ]
+            pair = [(statistic, _reduce_pair(statistic, batch, fp, q)) for statistic in statistics]
+
+            def add() -> None:  # in batch order, in the same order as the one-stream pass
+                for statistic, state, partial in single:
+                    _add(statistic, state.model, batch, state.hidden, partial)
+                for statistic, partial in pair:
+                    if partial is None:
+                        statistic.update(batch, fp, q)
+                    else:
+                        statistic.add(batch, partial)  # type: ignore[attr-defined]
+
+            return add
+
+        _run_streams(batches, work, stack.enter_context(_stream_pool(2)), 2)
 
 
-# Handed-over work items that may wait at once in a two-stream side-by-side pass (`in_background`):
-# each holds its inputs (AmplificationStatistic: two [batch, pos, d_model] activations).
-HANDOFF_LIMIT = 2
-
-
-def _after_each_layer(model: torch.nn.Module, fn: Callable[[], None], stack: contextlib.ExitStack) -> None:
-    """Call `fn()` after each decoder layer of `model` for the rest of the pass (no decoder layers: never)."""
-    try:
-        layers = decoder_layers(model)
-    except QbreakError:
-        return
-    for layer in layers:
-        stack.callback(layer.register_forward_hook(lambda *_: fn()).remove)
-
-
-class _Handoffs:
-    """Work the hooks of one stream hand to the other (`in_background`), in a two-stream pass.
-
-    During its forward a stream runs one waiting item of the *other* stream after each of its
-    decoder layers; once its forward is done it runs any waiting item until every stream's forward
-    is done and none waits. A new item is handed over only while the other stream keeps pace (its
-    decoder layers done, less the items waiting for it, at least this stream's less one) and fewer
-    than `limit` wait; otherwise the stream that made it runs it at once. So the streams finish
-    their batch together (AmplificationStatistic hands over the quantized MLP on every FP MLP
-    input, 0.6 of a forward made in the FP stream, while the quantized stream also carries the
-    residual statistics' hooks), and the waiting inputs stay a few layers' worth: a plain queue,
-    emptied once the quantized forward was done, held every layer's inputs (bench/
-    memory_scaling.py: compare_to_fp's peak RSS 1.21x from 16 to 128 examples).
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._waiting: deque[tuple[int, Future[Any], Callable[..., Any], tuple[object, ...]]] = deque()
-        self._forwards = 0
-        self._layers: dict[int, int] = {}  # thread → decoder layers done in this batch
-        self._changed = threading.Condition()
-
-    def begin(self, streams: int) -> None:
-        """A batch starts: `streams` forwards are about to run."""
-        with self._changed:
-            self._forwards = streams
-            self._layers = {}
-
-    def submit(self, fn: Callable[..., _Result], args: tuple[object, ...]) -> Future[_Result]:
-        """Hand `fn(*args)` over, or run it now (outside a forward, or see above); its Future."""
-        future: Future[_Result] = Future()
-        with self._changed:
-            me = threading.get_ident()
-            others = [done for thread, done in self._layers.items() if thread != me]
-            keeps_pace = bool(others) and max(others) - len(self._waiting) >= self._layers.get(me, 0) - 1
-            if self._forwards > 0 and keeps_pace and len(self._waiting) < self.limit:
-                self._waiting.append((me, future, fn, args))
-                self._changed.notify_all()
-                return future
-        _run_into(future, fn, args)
-        return future
-
-    def after_layer(self) -> None:
-        """Count a decoder layer of this stream, then run the oldest waiting item another stream
-        handed over, if there is one."""
-        with self._changed:
-            me = threading.get_ident()
-            self._layers[me] = self._layers.get(me, 0) + 1
-            item = next((item for item in self._waiting if item[0] != me), None)
-            if item is None:
-                return
-            self._waiting.remove(item)
-        _run_into(*item[1:])
-
-    def forward_then_help(self, forward: Callable[..., _Result], *args: object) -> _Result:
-        """`forward(*args)`, then run waiting items until all forwards are done and none waits."""
-        try:
-            return forward(*args)
-        finally:
-            with self._changed:
-                self._forwards -= 1
-                self._changed.notify_all()
-            while True:
-                with self._changed:
-                    self._changed.wait_for(lambda: self._waiting or self._forwards == 0)
-                    if not self._waiting:
-                        break
-                    _, future, fn, fn_args = self._waiting.popleft()
-                _run_into(future, fn, fn_args)
-
-
-def _run_into(future: Future[_Result], fn: Callable[..., _Result], args: tuple[object, ...]) -> None:
-    """Run `fn(*args)` under inference mode and settle `future` with its result or its error."""
-    try:
-        future.set_result(_in_inference(fn)(*args))
-    except BaseException as exc:  # noqa: BLE001 (handed to whoever waits on the future)
-        future.set_exception(exc)
-
-
-@dataclass(frozen=True)
-class _PairStreams:
-    pool: ThreadPoolExecutor
-    streams: int
-    handoffs: _Handoffs
-
-
-# The running side-by-side pass's streams (pool, count, handed-over work), for its statistics.
-_PAIR_POOL: contextvars.ContextVar[_PairStreams | None] = contextvars.ContextVar("pair_pool", default=None)
-
-
-def pair_streams() -> int:
-    """Streams of the side-by-side pass running now in this thread (1 outside one, or with one stream)."""
-    running = _PAIR_POOL.get()
-    return 1 if running is None else running.streams
-
-
-def map_pair_streams(fn: Callable[[_Item], _Result], items: Sequence[_Item]) -> list[_Result]:
-    """`fn` over `items`, spread over the streams of the running side-by-side pass (else in turn).
-
-    For a pair statistic's independent pieces of work (CompareStatistic: its batch's positions in
-    `pair_streams()` parts), so that its head runs on every core as the two forwards did.
-    """
-    running = _PAIR_POOL.get()
-    if running is None or len(items) < 2:
-        return [fn(item) for item in items]
-    return list(running.pool.map(_in_inference(fn), items))
-
-
-def in_background(fn: Callable[..., _Result], *args: object) -> Future[_Result]:
-    """`fn(*args)` handed to the other stream of the running two-stream side-by-side pass (run by
-    the handing stream itself when enough work already waits, see `_Handoffs`); elsewhere run now.
-    Its Future (done, outside such a pass).
-
-    For hooks whose work can wait until their statistic's `update` (AmplificationStatistic: the
-    quantized MLP on the FP input): the quantized model's stream takes about half of it between
-    its own layers, instead of the FP stream doing all of it.
-    """
-    running = _PAIR_POOL.get()
-    if running is None:
-        done: Future[_Result] = Future()
-        done.set_result(fn(*args))
-        return done
-    return running.handoffs.submit(fn, args)
+def _reduce_pair(statistic: PairStatistic, batch: Batch, fp: ModelState, q: ModelState) -> object | None:
+    """The pair statistic's partial result of a batch if it splits `update` (see PairStatistic), else None."""
+    reduce = getattr(statistic, "reduce", None)
+    return None if reduce is None else reduce(batch, fp, q)
 
 
 def _update_pair(
@@ -439,44 +295,46 @@ def run_pass(
                 _forward(model, batch, statistics)
                 release_freed_memory()
             return
-        pool = stack.enter_context(_stream_pool(streams))
-        _run_streams(model, batches, statistics, pool, streams)
+
+        def work(batch: Batch) -> Callable[[], None]:
+            hidden = _observed_forward(model, batch, statistics)
+            partials = [_reduce(statistic, model, batch, hidden) for statistic in statistics]
+
+            def add() -> None:
+                for statistic, partial in zip(statistics, partials, strict=True):
+                    _add(statistic, model, batch, hidden, partial)
+
+            return add
+
+        _run_streams(batches, work, stack.enter_context(_stream_pool(streams)), streams)
 
 
 def _run_streams(
-    model: torch.nn.Module,
-    batches: Iterator[Batch],
-    statistics: Sequence[Statistic],
-    pool: ThreadPoolExecutor,
-    streams: int,
+    batches: Iterator[Batch], work: Callable[[Batch], Callable[[], None]], pool: ThreadPoolExecutor, streams: int
 ) -> None:
-    """Each stream takes a batch, runs the forward and the statistics' `reduce`, then, when its turn
-    comes (batch order), their `add` or `update`; at most `streams` batches are in flight. A failed
-    batch still passes its turn on, so the other streams finish and the error reaches the caller."""
+    """Each stream takes a batch and runs `work(batch)` (the forwards and the statistics' `reduce`),
+    then, when its turn comes (batch order), the function `work` returned (their `add` or `update`);
+    at most `streams` batches are in flight. A failed batch still passes its turn on, so the other
+    streams finish and the error reaches the caller."""
     turns = _Turns()
 
-    def work(index: int, batch: Batch) -> None:
+    def run(index: int, batch: Batch) -> None:
         with torch.inference_mode():
             try:
-                hidden = _observed_forward(model, batch, statistics)
-                partials = [_reduce(statistic, model, batch, hidden) for statistic in statistics]
+                add = work(batch)
             except BaseException:
                 with turns.wait(index):  # pass the turn on, so that the later batches finish
                     pass
                 raise
             with turns.wait(index):
-                for statistic, partial in zip(statistics, partials, strict=True):
-                    if partial is None:
-                        statistic.update(model, batch, hidden)
-                    else:
-                        statistic.add(batch, partial)  # type: ignore[attr-defined]
+                add()
 
     in_flight: deque[Future[None]] = deque()
     for index, batch in enumerate(batches):
         if len(in_flight) == streams:
             in_flight.popleft().result()
             release_freed_memory()
-        in_flight.append(pool.submit(work, index, batch))
+        in_flight.append(pool.submit(run, index, batch))
     while in_flight:
         in_flight.popleft().result()
     release_freed_memory()
@@ -486,6 +344,14 @@ def _reduce(statistic: Statistic, model: torch.nn.Module, batch: Batch, hidden: 
     """The statistic's partial result of a batch if it splits `update` (see Statistic), else None."""
     reduce = getattr(statistic, "reduce", None)
     return None if reduce is None else reduce(model, batch, hidden)
+
+
+def _add(statistic: Statistic, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor, partial: object | None) -> None:
+    """Consume a batch: `add` its partial result (from `_reduce`), or `update` if it has none."""
+    if partial is None:
+        statistic.update(model, batch, hidden)
+    else:
+        statistic.add(batch, partial)  # type: ignore[attr-defined]
 
 
 class _Turns:

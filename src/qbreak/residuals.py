@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +20,7 @@ import torch
 
 from qbreak.hooks import decoder_layers, hooks
 from qbreak.io import AMPLIFICATION_SCHEMA, DIMS_SCHEMA, RESIDUALS_SCHEMA
-from qbreak.passes import Batch, LayerRows, PerForward, in_background
+from qbreak.passes import Batch, LayerRows, PerForward
 
 RESIDUAL_SITES = ("pre_norm", "post_norm", "block_out")
 
@@ -111,20 +110,31 @@ class ResidualStatistic:
         return {layer: (total / max(self._tokens, 1.0)).cpu().numpy() for layer, total in self._abs_sum.items()}
 
 
+@dataclass
+class _AmplificationForward:
+    """What the hooks of one FP forward gather: each layer's FP MLP input until its output comes,
+    then the layer's per-example (mse, power)."""
+
+    mask: torch.Tensor
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
 class AmplificationStatistic:
     """Attached to the FP model: each layer's quantized MLP applied to the FP MLP input, vs the FP MLP.
 
     Per example and layer: the mean over tokens of the mean squared difference between the two MLP
     outputs (same input, so it isolates what the quantized weights do to it) and the mean squared
     FP MLP output (for a relative error). The paper links the first to the post-norm magnitude.
+    Stream-safe: each forward's hooks fill their own `_AmplificationForward`.
     """
+
+    stream_safe = True
 
     def __init__(self, model_name: str, method: str, q_model: torch.nn.Module) -> None:
         self.model_name, self.method = model_name, method
         self.q_layers = decoder_layers(q_model)
-        self._mask: torch.Tensor | None = None
-        self._inputs: dict[int, torch.Tensor] = {}
-        self._current: dict[int, Future[tuple[torch.Tensor, torch.Tensor]]] = {}  # layer → (mse, power)
+        self._forward: PerForward[_AmplificationForward] = PerForward()
         self._rows = LayerRows()
 
     @contextlib.contextmanager
@@ -140,22 +150,21 @@ class AmplificationStatistic:
             yield
 
     def begin(self, batch: Batch) -> None:
-        self._mask = statistic_mask(batch)
-        self._inputs, self._current = {}, {}
+        self._forward.begin(batch, _AmplificationForward(statistic_mask(batch)))
 
     def _keep_input(self, layer: int):  # noqa: ANN202 (a hook closure)
         def keep(x: torch.Tensor) -> None:
-            self._inputs[layer] = x
+            self._forward.current.inputs[layer] = x
             return None
 
         return keep
 
     def _compare_output(self, layer: int):  # noqa: ANN202 (a hook closure)
         def compare(y_fp: torch.Tensor) -> None:
-            assert self._mask is not None, "begin(batch) must precede the forward"
-            if layer not in self._inputs:  # our own call of the quantized MLP, when it is hooked too
+            forward = self._forward.current
+            if layer not in forward.inputs:  # our own call of the quantized MLP, when it is hooked too
                 return None
-            self._current[layer] = in_background(self._compare_mlps, layer, self._inputs.pop(layer), y_fp, self._mask)
+            forward.values[layer] = self._compare_mlps(layer, forward.inputs.pop(layer), y_fp, forward.mask)
             return None
 
         return compare
@@ -174,10 +183,8 @@ class AmplificationStatistic:
 
     def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
         ids = batch.example_ids.cpu().numpy()
-        for layer, pending in sorted(self._current.items()):
-            mse, power = pending.result()
+        for layer, (mse, power) in sorted(self._forward.finish(batch).values.items()):
             self._rows.add(ids, layer, {"mlp_mse": mse.cpu().numpy(), "mlp_power": power.cpu().numpy()})
-        self._current = {}
 
     def result(self) -> pa.Table:
         """One row per example and layer (io.AMPLIFICATION_SCHEMA)."""
