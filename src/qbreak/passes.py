@@ -203,10 +203,7 @@ def run_pair_pass(
                 for statistic, state, partial in single:
                     _add(statistic, state.model, batch, state.hidden, partial)
                 for statistic, partial in pair:
-                    if partial is None:
-                        statistic.update(batch, fp, q)
-                    else:
-                        statistic.add(batch, partial)  # type: ignore[attr-defined]
+                    _add_pair(statistic, batch, fp, q, partial)
 
             return add
 
@@ -217,6 +214,14 @@ def _reduce_pair(statistic: PairStatistic, batch: Batch, fp: ModelState, q: Mode
     """The pair statistic's partial result of a batch if it splits `update` (see PairStatistic), else None."""
     reduce = getattr(statistic, "reduce", None)
     return None if reduce is None else reduce(batch, fp, q)
+
+
+def _add_pair(statistic: PairStatistic, batch: Batch, fp: ModelState, q: ModelState, partial: object | None) -> None:
+    """Consume a batch of both models: `add` its partial result (from `_reduce_pair`), or `update` if it has none."""
+    if partial is None:
+        statistic.update(batch, fp, q)
+    else:
+        statistic.add(batch, partial)  # type: ignore[attr-defined]
 
 
 def _update_pair(
