@@ -12,10 +12,13 @@ tokens per model, S tokens of D_large ∪ D_ctrl, M methods:
     quantize (GPTQ)   n_cal · s · F · 2 (sequential calibration, two passes per layer) + the solves
 
 Activations are per batch only (memory independent of T: bench/memory_scaling.py). Seconds =
-FLOPs ÷ (peak × MFU); MFU is the fraction of the matmul peak a pass reaches, measured for this
-code by bench/nll_throughput.py (on the CPU here; no GPU was measured). Weights in bfloat16.
+FLOPs ÷ (data-sheet peak × MFU), weights in bfloat16. Each stage's MFU was measured for this code
+on an H200 by bench/gpu_passes.py at Llama-3-8B's shape (2026-12-04, `MEASURED`), as a fraction of
+the 8192³ bf16 matmul peak measured in the same run and converted to a fraction of the 989 TFLOP/s
+data sheet. The A100 column assumes the same fractions of its data sheet (not measured).
 
-    .venv/bin/python bench/cost_model.py --mfu 0.55
+    .venv/bin/python bench/cost_model.py              # the measured H200 MFUs
+    .venv/bin/python bench/cost_model.py --mfu 0.30   # what-if: one MFU for every stage
 """
 
 from __future__ import annotations
@@ -65,8 +68,28 @@ PAPER = [
     Arch("Mistral-Nemo-12B", 5120, 40, 14336, 32, 8, 128, 131072),
     Arch("Llama-3-70B", 8192, 80, 28672, 64, 8, 128, 128256),
 ]
-# Dense bfloat16 tensor-core peaks (vendor data sheets), FLOP/s, and memory per GPU.
-DEVICES = {"A100-80GB": (312e12, 80e9), "H100-SXM": (989e12, 80e9)}
+# Dense bfloat16 tensor-core peaks (vendor data sheets), FLOP/s, and memory per GPU. The H100 SXM
+# and the H200 share the die and its peak; the H200 has more memory (and bandwidth).
+DEVICES = {"A100-80GB": (312e12, 80e9), "H100-SXM / H200": (989e12, 80e9)}
+# Per stage: (MFU against the matmul peak measured in the same run, that peak in TFLOP/s), the lowest
+# of the runs (bench/gpu_passes.py on an H200, Llama-3-8B's shape, 2026-12-04). score_fp and
+# restore_layers: the NLL pass (score_fp's residual hooks not measured there); quantize: the compare
+# job's (not measured; < 1% of the FLOPs).
+MEASURED = {
+    "quantize": (0.555, 773.6),
+    "score_fp": (0.601, 773.6),
+    "compare_to_fp": (0.555, 773.6),
+    "logit_lens": (0.492, 773.6),
+    "restore_layers": (0.601, 773.6),
+    "patch_activations": (0.603, 773.6),
+}
+DATA_SHEET_TFLOPS = 989.0  # the H200's (and H100 SXM's) dense bf16 peak, which the measured peak is a share of
+
+
+def measured_mfu(stage: str) -> float:
+    """The stage's measured MFU as a fraction of the data-sheet peak."""
+    mfu, peak = MEASURED[stage]
+    return mfu * peak / DATA_SHEET_TFLOPS
 
 
 def stage_flops(a: Arch, tokens: int, selected: int, methods: int, patched: int, seq_len: int,
@@ -89,7 +112,8 @@ def stage_flops(a: Arch, tokens: int, selected: int, methods: int, patched: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mfu", type=float, default=0.71, help="fraction of the matmul peak (measured: compare job, 2026-12-02)")
+    parser.add_argument("--mfu", type=float, help="one fraction of the data-sheet peak for every stage "
+                        "(default: each stage's, measured on an H200)")
     parser.add_argument("--examples", type=int, default=10_000)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--methods", type=int, default=8)
@@ -102,29 +126,32 @@ def main() -> None:
     tokens = args.examples * args.seq_len
     selected = int(tokens * args.selected_fraction)
     print(f"paper setup: {args.examples} × {args.seq_len} tokens per model, {args.methods} methods, "
-          f"{args.patched} patched, |D_large ∪ D_ctrl| = {args.selected_fraction:.0%}; MFU {args.mfu:.0%}")
-    print(f"{'model':<18}{'params':>8}{'PFLOP':>9}" + "".join(f"{d + ' h':>14}" for d in DEVICES)
+          f"{args.patched} patched, |D_large ∪ D_ctrl| = {args.selected_fraction:.0%}")
+    mfu = {stage: args.mfu or measured_mfu(stage) for stage in MEASURED}
+    print("MFU of the data-sheet peak: " + ", ".join(f"{stage} {value:.1%}" for stage, value in mfu.items()))
+    print(f"{'model':<18}{'params':>8}{'PFLOP':>9}" + "".join(f"{d + ' h':>20}" for d in DEVICES)
           + f"{'weights×2 GB':>14}{f'{args.gpus}×H100 h':>12}")
     total = {d: 0.0 for d in DEVICES}
     for a in PAPER:
         flops = stage_flops(a, tokens, selected, args.methods, args.patched, args.seq_len, a.layers, args.calibration)
         pflop = sum(flops.values()) / 1e15
-        hours = {d: sum(flops.values()) / (peak * args.mfu) / 3600 for d, (peak, _) in DEVICES.items()}
+        seconds = {stage: value / mfu[stage] for stage, value in flops.items()}  # × 1/peak: FLOP-seconds
+        hours = {d: sum(seconds.values()) / peak / 3600 for d, (peak, _) in DEVICES.items()}
         for d in DEVICES:
             total[d] += hours[d]
         pair_gb = 2 * a.total_params * 2 / 1e9
         # On the cluster each job gets a GPU: the longest chain is one method's quantize → compare →
         # lens → restore → patching (one job each), after score_fp; the rest spreads over the GPUs.
-        h100 = DEVICES["H100-SXM"][0] * args.mfu
+        h100 = DEVICES["H100-SXM / H200"][0]
         m = args.methods
         chain = (
-            flops["quantize"] / m + flops["score_fp"] + flops["compare_to_fp"] / m + flops["logit_lens"] / (m + 1)
-            + flops["restore_layers"] / m + flops["patch_activations"] / max(args.patched, 1)
+            seconds["quantize"] / m + seconds["score_fp"] + seconds["compare_to_fp"] / m + seconds["logit_lens"] / (m + 1)
+            + seconds["restore_layers"] / m + seconds["patch_activations"] / max(args.patched, 1)
         ) / h100
-        spread = sum(flops.values()) / h100 / args.gpus
+        spread = sum(seconds.values()) / h100 / args.gpus
         cluster = max(chain, spread) / 3600
         print(f"{a.name:<18}{a.total_params / 1e9:>7.1f}B{pflop:>9.0f}"
-              + "".join(f"{hours[d]:>14.1f}" for d in DEVICES) + f"{pair_gb:>14.0f}{cluster:>12.1f}")
+              + "".join(f"{hours[d]:>20.1f}" for d in DEVICES) + f"{pair_gb:>14.0f}{cluster:>12.1f}")
         shares = ", ".join(f"{k} {v / sum(flops.values()):.0%}" for k, v in flops.items())
         print(f"{'':<18}stages: {shares}")
     print("all four models: " + ", ".join(f"{d} {h:.0f} h on one GPU" for d, h in total.items()))

@@ -91,6 +91,30 @@ def test_chunked_nll_equals_full_log_softmax() -> None:
     )
 
 
+def test_head_sizes_by_device_and_the_pass_takes_given_ones(tiny_llama: torch.nn.Module) -> None:
+    """Cache-sized head blocks on a CPU, large ones on a GPU (bench/gpu_passes.py); given sizes win,
+    and every size yields the same NLLs."""
+    from qbreak.nll import (
+        DEFAULT_CHUNK_TOKENS, DEFAULT_VOCAB_BLOCK, GPU_CHUNK_TOKENS, GPU_VOCAB_BLOCK, NLLStatistic, head_sizes,
+    )
+    from qbreak.passes import iter_batches, run_pass
+
+    assert head_sizes("cpu") == (DEFAULT_CHUNK_TOKENS, DEFAULT_VOCAB_BLOCK)
+    assert head_sizes(torch.device("cuda", 1)) == (GPU_CHUNK_TOKENS, GPU_VOCAB_BLOCK)
+    assert GPU_CHUNK_TOKENS * GPU_VOCAB_BLOCK > DEFAULT_CHUNK_TOKENS * DEFAULT_VOCAB_BLOCK
+    assert head_sizes("cuda", 64) == (64, GPU_VOCAB_BLOCK)
+    assert head_sizes("cpu", vocab_block=7) == (DEFAULT_CHUNK_TOKENS, 7)
+
+    table = examples_table(random_rows(9, tiny_llama.config.vocab_size, [5, 12, 3, 20, 8, 16, 2, 11, 7], seed=4))
+    nlls = []
+    for sizes in ((None, None), (GPU_CHUNK_TOKENS, GPU_VOCAB_BLOCK), (5, 7)):
+        statistic = NLLStatistic("tiny", "fp", *sizes)
+        run_pass(tiny_llama, iter_batches(table, 4), [statistic], streams=1)
+        nlls.append(statistic.result().column("nll").to_numpy())
+    np.testing.assert_allclose(nlls[1], nlls[0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(nlls[2], nlls[0], atol=1e-5, rtol=0)
+
+
 def test_online_nll_of_low_precision_heads_reuses_a_float32_buffer() -> None:
     """bfloat16 states and head: logits computed in bfloat16, log-sum-exp in float32, as the full path."""
     torch.manual_seed(1)

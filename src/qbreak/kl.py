@@ -24,7 +24,6 @@ import torch
 from qbreak.errors import QbreakError
 from qbreak.io import KL_SCHEMA, NLL_SCHEMA, TOPK_SCHEMA
 from qbreak.nll import (
-    DEFAULT_CHUNK_TOKENS,
     ScoredPositions,
     block_buffer,
     block_view,
@@ -32,14 +31,13 @@ from qbreak.nll import (
     gather_block_targets,
     has_plain_lm_head,
     head_logits_block,
+    head_sizes,
     logit_chunks,
     softmax_,
 )
 from qbreak.passes import Batch, ModelState, iter_batches, run_pair_pass, run_pass
 
 DEFAULT_TOPK = 32
-# Vocabulary rows per block of the online KL: five [chunk, block] float32 arrays stay near L3 size.
-KL_VOCAB_BLOCK = 2048
 
 
 @torch.inference_mode()
@@ -90,7 +88,7 @@ def head_divergences(
     head_q: torch.nn.Linear,
     targets: torch.Tensor,
     topk: int,
-    vocab_block: int = KL_VOCAB_BLOCK,
+    vocab_block: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """`token_divergences` of the two models' lm_heads, online over blocks of the vocabulary.
 
@@ -100,6 +98,7 @@ def head_divergences(
     running sum per model, and P's top k merged block by block. Only three [n, vocab_block]
     buffers exist, reused for every block (fresh multi-MB tensors per block fault their pages in).
     """
+    _, vocab_block = head_sizes(states_fp.device, vocab_block=vocab_block)
     n, vocab = states_fp.shape[0], head_fp.weight.shape[0]
     if head_q.weight.shape[0] != vocab:
         raise ValueError(f"vocabularies differ: {vocab} (FP) vs {head_q.weight.shape[0]} (quantized)")
@@ -223,8 +222,8 @@ class CompareStatistic:
     _VALUES = ("nll_q", "kl_fp_q", "kl_q_fp", "kl_fp_q_topk")
 
     def __init__(
-        self, model_name: str, method: str, topk: int = DEFAULT_TOPK, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-        vocab_block: int = KL_VOCAB_BLOCK, online: bool = True,
+        self, model_name: str, method: str, topk: int = DEFAULT_TOPK, chunk_tokens: int | None = None,
+        vocab_block: int | None = None, online: bool = True,
     ) -> None:
         if topk < 1:
             raise QbreakError(f"config key kl.topk: must be ≥ 1, got {topk}")
@@ -257,7 +256,8 @@ class CompareStatistic:
         if self.online and has_plain_lm_head(fp.model) and has_plain_lm_head(q.model):
             head_fp, head_q = fp.model.get_output_embeddings(), q.model.get_output_embeddings()
             states_fp, states_q = positions.states(fp.hidden), positions.states(q.hidden)
-            for part in chunk_slices(states_fp.shape[0], self.chunk_tokens):
+            chunk_tokens, _ = head_sizes(states_fp.device, self.chunk_tokens)
+            for part in chunk_slices(states_fp.shape[0], chunk_tokens):
                 yield part, head_divergences(
                     states_fp[part], head_fp, states_q[part], head_q, positions.targets[part], self.topk,
                     self.vocab_block,
@@ -313,7 +313,7 @@ def compare_to_fp(
 class _TopkCollector:
     """The FP model's top-k log-probs at every scored position, one row per example."""
 
-    def __init__(self, model_name: str, topk: int, chunk_tokens: int) -> None:
+    def __init__(self, model_name: str, topk: int, chunk_tokens: int | None = None) -> None:
         self.model_name, self.topk, self.chunk_tokens = model_name, topk, chunk_tokens
         self.rows: list[dict[str, object]] = []
 
@@ -354,7 +354,7 @@ def fp_topk_reference(
     topk: int = DEFAULT_TOPK,
 ) -> pa.Table:
     """The FP model's top-k next-token log-probs per scored position (io.TOPK_SCHEMA)."""
-    collector = _TopkCollector(model_name, topk, DEFAULT_CHUNK_TOKENS)
+    collector = _TopkCollector(model_name, topk)
     run_pass(fp_model, iter_batches(examples, batch_size, device), [collector])
     return collector.result()
 

@@ -19,7 +19,7 @@ import torch
 from qbreak.errors import QbreakError
 from qbreak.hooks import decoder_layers, hooks
 from qbreak.io import LENS_SCHEMA, RESTORE_SCHEMA
-from qbreak.nll import DEFAULT_CHUNK_TOKENS, ScoredPositions, has_plain_lm_head, per_example_nll, token_nll
+from qbreak.nll import ScoredPositions, has_plain_lm_head, per_example_nll, token_nll
 from qbreak.passes import Batch, LayerRows, PerForward, iter_batches, run_pass
 
 
@@ -41,7 +41,7 @@ class LogitLensStatistic:
 
     def __init__(
         self, model_name: str, method: str, layers: Sequence[int] | None = None,
-        chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+        chunk_tokens: int | None = None,
     ) -> None:
         self.model_name, self.method, self.chunk_tokens = model_name, method, chunk_tokens
         self.layers = None if layers is None else sorted(set(layers))

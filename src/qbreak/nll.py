@@ -23,8 +23,27 @@ DEFAULT_CHUNK_TOKENS = 1024
 # 1,024 × 2,048) fit in L3. The head's matmul + log-sum-exp ran at 90% of the 2048² matmul peak with
 # 2,048-row blocks vs 86.5% with 4,096 (bench/head_blocks.py: 1,016 positions × 576 × 49,152, best of 12).
 DEFAULT_VOCAB_BLOCK = 2048
+# On a GPU: 4,096 positions × 16,384 vocabulary rows (a 256 MB float32 block). With the CPU's sizes,
+# each block's matmul is too small to fill the GPU and each block waits on the host (the target
+# gather's and the top-k merge's index lookups): on an H200 at Llama-3-8B's shape (bf16, 64 × 512
+# tokens) the NLL pass ran at 44.1% MFU with the CPU's sizes against 61.2% with these, and the
+# FP + quantized pass at 32.5% against 58.7%; the whole vocabulary as one block gained 0.3 and 1.2
+# points for 2.5 and 6.6 GiB more memory (bench/gpu_passes.py, 2026-12-04). Both heads, NLL and KL,
+# use the same sizes (`head_sizes`).
+GPU_CHUNK_TOKENS = 4096
+GPU_VOCAB_BLOCK = 16384
 # Config attributes that change logits after lm_head; models with them take the plain-logits path.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def head_sizes(
+    device: str | torch.device, chunk_tokens: int | None = None, vocab_block: int | None = None
+) -> tuple[int, int]:
+    """(positions per chunk, vocabulary rows per block) of the online heads on `device`: the given
+    values, or the device's defaults (cache-sized blocks on a CPU, large ones on a GPU)."""
+    if torch.device(device).type == "cpu":
+        return chunk_tokens or DEFAULT_CHUNK_TOKENS, vocab_block or DEFAULT_VOCAB_BLOCK
+    return chunk_tokens or GPU_CHUNK_TOKENS, vocab_block or GPU_VOCAB_BLOCK
 
 
 def chunk_slices(n: int, chunk_tokens: int) -> Iterator[slice]:
@@ -38,8 +57,8 @@ def token_nll(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
-    vocab_block: int = DEFAULT_VOCAB_BLOCK,
+    chunk_tokens: int | None = None,
+    vocab_block: int | None = None,
 ) -> torch.Tensor:
     """−log softmax(hidden · weightᵀ + bias)[target] per position, float32 [n].
 
@@ -47,8 +66,9 @@ def token_nll(
     over blocks of `vocab_block` rows of the head (each block's log-sum-exp folded into a running one), so a block of
     logits [chunk, vocab_block] stays in cache: the full [chunk, vocab] logits of one chunk are
     never written to memory and read back (on a 2-core CPU that traffic cost a quarter of the head;
-    bench/nll_throughput.py).
+    bench/nll_throughput.py). Without `chunk_tokens` / `vocab_block`, the device's `head_sizes`.
     """
+    chunk_tokens, vocab_block = head_sizes(hidden.device, chunk_tokens, vocab_block)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
     buffer = block_buffer(min(chunk_tokens, hidden.shape[0]), weight.shape[0], vocab_block, hidden.device)
     for part in chunk_slices(hidden.shape[0], chunk_tokens):
@@ -177,13 +197,14 @@ def logit_chunks(
     batch: Batch,
     hidden: torch.Tensor,
     positions: ScoredPositions,
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
 ) -> Iterator[tuple[slice, torch.Tensor]]:
     """(slice into the n scored positions, float32 logits [chunk, vocab]) chunk by chunk.
 
     With a plain lm_head only one chunk of logits exists at a time; otherwise the model's own
     logits are computed once for the batch (the fallback for transformed logits).
     """
+    chunk_tokens, _ = head_sizes(hidden.device, chunk_tokens)
     if has_plain_lm_head(model):
         head = model.get_output_embeddings()
         states = positions.states(hidden)  # [n, d_model]
@@ -197,13 +218,18 @@ def logit_chunks(
 
 
 def batch_nll(
-    model: torch.nn.Module, batch: Batch, hidden: torch.Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    model: torch.nn.Module,
+    batch: Batch,
+    hidden: torch.Tensor,
+    chunk_tokens: int | None = None,
+    vocab_block: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed NLL (float64 [batch]) and number of scored tokens ([batch]) of each example."""
     positions = ScoredPositions.of(batch)
     if has_plain_lm_head(model):
         head = model.get_output_embeddings()
-        nll = token_nll(positions.states(hidden), head.weight, positions.targets, head.bias, chunk_tokens)
+        states, targets = positions.states(hidden), positions.targets
+        nll = token_nll(states, head.weight, targets, head.bias, chunk_tokens, vocab_block)
         return positions.per_example_sum(nll), positions.mask.sum(dim=1)
     nll = torch.empty(positions.targets.shape[0], dtype=torch.float32, device=hidden.device)
     for part, logits in logit_chunks(model, batch, hidden, positions, chunk_tokens):
@@ -215,10 +241,12 @@ def batch_nll(
 class NLLStatistic:
     """Per-example mean NLL; one row per example (see io.NLL_SCHEMA)."""
 
-    def __init__(self, model_name: str, method: str, chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+    def __init__(
+        self, model_name: str, method: str, chunk_tokens: int | None = None, vocab_block: int | None = None
+    ) -> None:
         self.model_name = model_name
         self.method = method
-        self.chunk_tokens = chunk_tokens
+        self.chunk_tokens, self.vocab_block = chunk_tokens, vocab_block
         self._ids: list[np.ndarray] = []
         self._sums: list[np.ndarray] = []
         self._scored: list[np.ndarray] = []
@@ -229,7 +257,7 @@ class NLLStatistic:
 
     def reduce(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Summed NLL and scored tokens of each example of the batch (touches no state)."""
-        return batch_nll(model, batch, hidden, self.chunk_tokens)
+        return batch_nll(model, batch, hidden, self.chunk_tokens, self.vocab_block)
 
     def add(self, batch: Batch, partial: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Append one batch's `reduce` result (batches in table order)."""
@@ -266,7 +294,7 @@ def per_example_nll(
     method: str,
     batch_size: int = 8,
     device: str = "cpu",
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     streams: int | None = None,
 ) -> pa.Table:
     """Per-example mean NLL of `model` on `examples` (an examples.arrow table); `streams` as in run_pass."""
