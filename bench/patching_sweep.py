@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import torch
 
 from qbreak.hooks import decoder_layers
 from qbreak.io import EXAMPLES_SCHEMA, read_table
