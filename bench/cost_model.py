@@ -71,25 +71,26 @@ PAPER = [
 # Dense bfloat16 tensor-core peaks (vendor data sheets), FLOP/s, and memory per GPU. The H100 SXM
 # and the H200 share the die and its peak; the H200 has more memory (and bandwidth).
 DEVICES = {"A100-80GB": (312e12, 80e9), "H100-SXM / H200": (989e12, 80e9)}
-# Per stage: (MFU against the matmul peak measured in the same run, that peak in TFLOP/s), the lowest
-# of the runs (bench/gpu_passes.py on an H200, Llama-3-8B's shape, 2026-12-04). score_fp and
-# restore_layers: the NLL pass (score_fp's residual hooks not measured there); quantize: the compare
-# job's (not measured; < 1% of the FLOPs).
+# Per stage: MFU against the matmul peak measured in the same run (MEASURED_PEAK_TFLOPS), from the
+# run that measured every stage (bench/gpu_passes.py --stages lens patching on an H200, Llama-3-8B's
+# shape, 2026-12-04; its NLL, FP + quantized and compare-job figures are the lowest of the runs).
+# score_fp and restore_layers: the NLL pass (score_fp's residual hooks not measured there);
+# quantize: the compare job's (not measured; < 1% of the FLOPs).
 MEASURED = {
-    "quantize": (0.555, 773.6),
-    "score_fp": (0.601, 773.6),
-    "compare_to_fp": (0.555, 773.6),
-    "logit_lens": (0.492, 773.6),
-    "restore_layers": (0.601, 773.6),
-    "patch_activations": (0.603, 773.6),
+    "quantize": 0.555,
+    "score_fp": 0.601,
+    "compare_to_fp": 0.555,
+    "logit_lens": 0.492,
+    "restore_layers": 0.601,
+    "patch_activations": 0.603,
 }
+MEASURED_PEAK_TFLOPS = 773.6
 DATA_SHEET_TFLOPS = 989.0  # the H200's (and H100 SXM's) dense bf16 peak, which the measured peak is a share of
 
 
 def measured_mfu(stage: str) -> float:
     """The stage's measured MFU as a fraction of the data-sheet peak."""
-    mfu, peak = MEASURED[stage]
-    return mfu * peak / DATA_SHEET_TFLOPS
+    return MEASURED[stage] * MEASURED_PEAK_TFLOPS / DATA_SHEET_TFLOPS
 
 
 def stage_flops(a: Arch, tokens: int, selected: int, methods: int, patched: int, seq_len: int,

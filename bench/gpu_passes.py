@@ -30,7 +30,6 @@ every path; the largest counts, so MFU is never overstated. Paths, each on the s
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import time
 from collections.abc import Callable
@@ -40,15 +39,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from nll_throughput import forward_params, mlp_params
+from nll_throughput import forward_params, mlp_params, naive_nll, rtn_copy
 
 from qbreak.kl import CompareStatistic
 from qbreak.lens import logit_lens
 from qbreak.nll import NLLStatistic, head_sizes
 from qbreak.passes import iter_batches, run_pair_pass, run_pass
 from qbreak.patching import Patch, build_patches, patching_table
-from qbreak.quantize.base import replace_decoder_weights
-from qbreak.quantize.rtn import rtn_quantize_tensor
 from qbreak.residuals import AmplificationStatistic, ResidualStatistic
 
 # Architecture configs of the models in the paper's size range (public config.json values).
@@ -82,12 +79,6 @@ def build_model(shape: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
     return model.eval()
 
 
-def rtn_copy(model: torch.nn.Module, bits: int = 4, group: int = 64) -> torch.nn.Module:
-    quantized = copy.deepcopy(model)
-    replace_decoder_weights(quantized, lambda w: rtn_quantize_tensor(w, bits, group))
-    return quantized
-
-
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -114,19 +105,6 @@ def random_examples(n: int, seq: int, vocab: int, seed: int = 0) -> pa.Table:
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, size=(n, seq), dtype=np.int64)
     return pa.table({"example_id": np.arange(n, dtype=np.int32), "input_ids": list(ids)})
-
-
-@torch.inference_mode()
-def transformers_nll(model: torch.nn.Module, examples: pa.Table, batch_size: int, device: str) -> np.ndarray:
-    """Plain transformers scoring: full logits, full-vocabulary float32 log_softmax, gather."""
-    out = []
-    for batch in iter_batches(examples, batch_size, device):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        token = -logp.gather(2, batch.input_ids[:, 1:, None]).squeeze(2) * batch.attention_mask[:, 1:]
-        out.append((token.sum(1) / batch.attention_mask[:, 1:].sum(1)).double().cpu().numpy())
-        del logits, logp
-    return np.concatenate(out)
 
 
 Head = tuple[int | None, int | None]  # (chunk positions, vocabulary block); None: the device's default
@@ -180,7 +158,7 @@ def bench_shape(shape: str, args: argparse.Namespace, dtype: torch.dtype, peaks:
     device = args.device
     start = time.perf_counter()
     fp = build_model(shape, dtype, device)
-    quantized = rtn_copy(fp)
+    quantized = rtn_copy(fp, bits=4)
     synchronize(device)
     built = time.perf_counter() - start
     n_params, n_mlp = forward_params(fp), mlp_params(fp)
@@ -189,7 +167,7 @@ def bench_shape(shape: str, args: argparse.Namespace, dtype: torch.dtype, peaks:
     heads = [parse_head(h) for h in args.heads]
     b = args.batch_size
     paths: list[tuple[str, float, Callable[[], object]]] = [
-        ("NLL: transformers + log_softmax", 2 * n_params, lambda: transformers_nll(fp, examples, b, device)),
+        ("NLL: transformers + log_softmax", 2 * n_params, lambda: naive_nll(fp, examples, b, device)),
     ]
     for head in heads:
         paths.append((f"NLL: qbreak, head {head_name(head, device)}", 2 * n_params,

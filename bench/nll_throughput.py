@@ -180,14 +180,15 @@ def rtn_copy(model: torch.nn.Module, bits: int = 3) -> torch.nn.Module:
 
 
 @torch.inference_mode()
-def naive_nll(model: torch.nn.Module, examples, batch_size: int) -> np.ndarray:
-    """Plain transformers scoring: full logits, full-vocabulary log_softmax, gather."""
+def naive_nll(model: torch.nn.Module, examples, batch_size: int, device: str = "cpu") -> np.ndarray:  # noqa: ANN001
+    """Plain transformers scoring: full logits, full-vocabulary float32 log_softmax, gather."""
     out = []
-    for batch in iter_batches(examples, batch_size):
+    for batch in iter_batches(examples, batch_size, device):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         token = -logp.gather(2, batch.input_ids[:, 1:, None]).squeeze(2) * batch.attention_mask[:, 1:]
-        out.append((token.sum(1) / batch.attention_mask[:, 1:].sum(1)).double().numpy())
+        out.append((token.sum(1) / batch.attention_mask[:, 1:].sum(1)).double().cpu().numpy())
+        del logits, logp  # before the next batch's logits exist (GPU memory)
     return np.concatenate(out)
 
 

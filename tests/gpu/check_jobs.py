@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from gpu_passes import build_model, rtn_copy  # noqa: E402
+from gpu_passes import build_model  # noqa: E402
+from nll_throughput import rtn_copy  # noqa: E402
 
 from qbreak.io import EXAMPLES_SCHEMA, KL_SCHEMA, NLL_SCHEMA, read_table, write_table  # noqa: E402
 from qbreak.jobs import compare_job, fp_pass_job  # noqa: E402
