@@ -33,6 +33,26 @@ def capture(store: dict[str, torch.Tensor], key: str):  # noqa: ANN201
     return hook
 
 
+def test_token_norm_kurtosis_matches_float64_definition() -> None:
+    """Per-example means over the masked tokens of ‖a‖ and E[(a − ā)⁴] / E[(a − ā)²]², in float64 numpy."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 40, generator=gen) * 2 + 0.7
+    x[..., 5] *= 30  # an outlier dimension: kurtosis far above a Gaussian's 3
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[:, 0] = False
+    mask[1, 4:] = False
+    norm, kurtosis = token_norm_kurtosis(x, mask)
+    a = x.double().numpy()
+    centered = a - a.mean(axis=-1, keepdims=True)
+    token_kurtosis = (centered**4).mean(axis=-1) / (centered**2).mean(axis=-1) ** 2
+    token_norm = np.linalg.norm(a, axis=-1)
+    m = mask.numpy()
+    for i in range(3):
+        assert norm[i].item() == pytest.approx(token_norm[i][m[i]].mean(), rel=1e-6)
+        assert kurtosis[i].item() == pytest.approx(token_kurtosis[i][m[i]].mean(), rel=1e-5)
+    assert (kurtosis > 10).all()
+
+
 def _residual_table(model: torch.nn.Module, examples: pa.Table, batch_size: int) -> pa.Table:
     stat = ResidualStatistic("tiny", "fp")
     run_pass(model, iter_batches(examples, batch_size), [stat])

@@ -30,9 +30,11 @@ def token_norm_kurtosis(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tens
     """Per-example mean token L2 norm and mean token kurtosis (float64 [batch]) over `mask` [batch, pos]."""
     x = x.float()
     norms = x.norm(dim=-1)  # [batch, pos]
-    centered = x - x.mean(dim=-1, keepdim=True)
-    m2 = centered.pow(2).mean(dim=-1)
-    kurtosis = centered.pow(4).mean(dim=-1) / m2.pow(2).clamp_min(torch.finfo(torch.float32).tiny)
+    # squared in place twice: torch's pow(4) is a general power, 13x slower than two squares on a CPU;
+    # with it these statistics took 4% of the score_fp job's pass (bench/nll_throughput.py)
+    squared = (x - x.mean(dim=-1, keepdim=True)).square_()
+    m2 = squared.mean(dim=-1)
+    kurtosis = squared.square_().mean(dim=-1) / m2.square().clamp_min(torch.finfo(torch.float32).tiny)
     weights = mask.to(torch.float64)
     count = weights.sum(dim=1).clamp_min(1.0)
     return (norms.double() * weights).sum(dim=1) / count, (kurtosis.double() * weights).sum(dim=1) / count
