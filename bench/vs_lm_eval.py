@@ -12,7 +12,9 @@
    the statistics the workflow computes) vs the same statistics one stage at a time, as a user of
    lm-eval plus hook scripts would run them: lm-eval NLL per model, a residual-statistics pass per
    model, an FP + quantized KL pass per method, an amplification pass per method. Printed: forward
-   passes and seconds of both, and their ratios. The logit lens runs on D_large ∪ D_ctrl only in
+   passes, seconds and matmul FLOPs of both, and their ratios (the FLOP ratio is ≈ 0.51 for any M:
+   the staged residual and amplification passes stop before the head, so the time ratio reaches
+   0.5 only where the fused passes run faster per FLOP than the staged ones). The logit lens runs on D_large ∪ D_ctrl only in
    qbreak (a separate, smaller stage) and is left out of both sides.
 
 Quantized models are RTN W3 / W4 built in-process (a real quantization; which method does not
@@ -29,10 +31,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_eval_adapter import lm_eval_nll  # noqa: E402
-from nll_throughput import matmul_ceiling, matmul_ceiling_streams, model_arguments, rtn_copy  # noqa: E402
+from nll_throughput import (  # noqa: E402
+    forward_params,
+    matmul_ceiling,
+    matmul_ceiling_streams,
+    mlp_params,
+    model_arguments,
+    rtn_copy,
+)
 
 from qbreak.io import EXAMPLES_SCHEMA, read_table  # noqa: E402
 from qbreak.kl import CompareStatistic  # noqa: E402
@@ -74,6 +84,18 @@ def staged_analysis(fp, quantized, tokenizer, rows, examples, batch_size: int) -
         run_pass(fp, iter_batches(examples, batch_size), [AmplificationStatistic("m", "q", q)])
     forwards = 2 * (1 + len(quantized)) + 3 * len(quantized)
     return forwards, time.perf_counter() - start
+
+
+def analysis_flops(model: torch.nn.Module, methods: int) -> tuple[float, float]:
+    """Matmul FLOPs per token of `fused_analysis` and `staged_analysis` (2 per parameter a token
+    multiplies by). A residual or amplification pass of `run_pass` stops at the final hidden state
+    (no head); an NLL or KL pass runs the head; an amplification adds one quantized MLP per layer."""
+    full = 2 * forward_params(model)
+    decoder = full - 2 * model.get_output_embeddings().weight.numel()
+    mlp = 2 * mlp_params(model)
+    fused = full + methods * (2 * full + mlp)
+    staged = (1 + methods) * (full + decoder) + methods * (2 * full + decoder + mlp)
+    return fused, staged
 
 
 def main() -> None:
@@ -142,6 +164,10 @@ def main() -> None:
     print(f"qbreak / staged: forwards {fused_forwards / staged_forwards:.2f}, time {fused_seconds / staged_seconds:.2f} "
           f"(both sides also run {m} amplification MLP passes; for M methods the forward ratio is "
           f"(1 + 2M) / (2 + 5M) → 0.40)")
+    fused_flops, staged_flops = analysis_flops(model, m)
+    print(f"matmul FLOPs per token: fused {fused_flops / 1e9:.2f} G, staged {staged_flops / 1e9:.2f} G, ratio "
+          f"{fused_flops / staged_flops:.2f} (the staged residual and amplification passes skip the head); "
+          f"FLOP/s of the fused passes / the staged ones: {fused_flops / fused_seconds / (staged_flops / staged_seconds):.2f}x")
 
 
 if __name__ == "__main__":
