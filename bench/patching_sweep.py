@@ -8,6 +8,11 @@ Three ways to score the same patches on the same examples (the NLLs must agree):
 - qbreak: FP once per batch, and each patch resumes at its layer from the recorded unpatched
   quantized state.
 
+With ≥ 2 threads the FP-cached and qbreak sweeps score each batch's patches on two 1-thread streams
+(`patching_table`'s default); the naive sweep runs as a hook script would, one stream of all
+threads (a single patch per call leaves a second stream nothing to do). qbreak's sweep on one
+stream is timed too.
+
 It prints qbreak's time over each baseline (the issue's goal: ≤ 0.5 of the naive sweep) and the
 bound of prefix reuse from FLOPs: a patch at layer l still runs layers l … L−1 and the lm_head.
 
@@ -51,26 +56,29 @@ def main() -> None:
     patches = [p for p in patches if p.label.isdigit() or p.site == "none"]  # the sweep only
     timings, tables = {}, {}
 
-    def run(name: str, fast: bool, per_patch: bool = False) -> None:
+    def run(name: str, fast: bool, per_patch: bool = False, streams: int | None = None) -> None:
         start = time.perf_counter()
         if per_patch:  # FP forward again for every patch
-            parts = [patching_table(fp, quantized, examples, args.model, args.method, [p], args.batch_size, fast=False)
+            parts = [patching_table(fp, quantized, examples, args.model, args.method, [p], args.batch_size, fast=False,
+                                    streams=1)
                      for p in patches]
             tables[name] = pa.concat_tables(parts).sort_by([("site", "ascending"), ("layers", "ascending"),
                                                             ("example_id", "ascending")])
         else:
             table = patching_table(fp, quantized, examples, args.model, args.method, patches, args.batch_size,
-                                   fast=fast)
+                                   fast=fast, streams=streams)
             tables[name] = table.sort_by([("site", "ascending"), ("layers", "ascending"), ("example_id", "ascending")])
         timings[name] = min(timings.get(name, float("inf")), time.perf_counter() - start)
 
     for _ in range(2):
         run("fp_cached", False)
         run("qbreak", True)
+        if args.threads >= 2:
+            run("qbreak_one_stream", True, streams=1)
     run("naive", False, per_patch=True)
     ours = timings["qbreak"]
     diff = max(np.abs(tables[b].column("nll").to_numpy() - tables["qbreak"].column("nll").to_numpy()).max()
-               for b in ("naive", "fp_cached"))
+               for b in tables)
     tokens = int(sum(examples.column("n_tokens").to_pylist()))
     layer_params = sum(p.numel() for p in decoder_layers(fp)[0].parameters())
     head = fp.get_output_embeddings().weight.numel() / layer_params  # lm_head cost in layers
@@ -81,6 +89,9 @@ def main() -> None:
     print(f"naive sweep      {timings['naive']:8.1f} s  (FP forward + full quantized forward per patch)")
     print(f"FP-cached sweep  {timings['fp_cached']:8.1f} s  (FP once per batch, full quantized forward per patch)")
     print(f"qbreak sweep     {ours:8.1f} s  (FP once per batch, resumes at the patched layer)")
+    if "qbreak_one_stream" in timings:
+        print(f"qbreak, one stream {timings['qbreak_one_stream']:6.1f} s  (all threads on each op; "
+              f"two streams / one: {timings['qbreak_one_stream'] / ours:.2f}x faster)")
     print(f"ratio qbreak / naive = {ours / timings['naive']:.3f}   qbreak / FP-cached = "
           f"{ours / timings['fp_cached']:.3f}   max |ΔNLL| = {diff:.2e}")
     print(f"FLOP bound of prefix reuse vs FP-cached: lm_head = {head:.1f} layers, mean (L − l + head) / (L + head) = "

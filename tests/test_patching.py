@@ -110,3 +110,49 @@ def test_awq_skips_the_sites_its_scales_rescale() -> None:
     sites = ["attn", "gate", "up", "down", "gate_input", "resid", "gate_weights"]
     assert valid_sites(sites, "awq") == ["attn", "gate", "down", "resid"]
     assert valid_sites(sites, "gptq") == sites
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_two_streams_equal_one(pair: tuple[torch.nn.Module, torch.nn.Module], fast: bool) -> None:
+    """Patches scored on two streams (each with its own patch hooks on the shared model) give one stream's table."""
+    fp, q = pair
+    examples = _examples(n=7)
+    patches = build_patches(2, ["attn", "down", "gate_input", "resid"], sweep_layers=[0, 1], ranges=[[0, 1]],
+                            weight_sites=["up_weights"])
+    one = patching_table(fp, q, examples, "tiny", "q", patches, batch_size=3, fast=fast, streams=1)
+    two = patching_table(fp, q, examples, "tiny", "q", patches, batch_size=3, fast=fast, streams=2)
+    assert one.equals(two)
+    assert len(set(np.round(one.column("nll").to_numpy(), 6))) > len(patches) // 2  # the patches differ
+
+
+def test_thread_hooks_keep_each_threads_functions(pair: tuple[torch.nn.Module, torch.nn.Module]) -> None:
+    """Two threads run the same model at once, each with its own replacement at one site, many times."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qbreak.hooks import ThreadHooks
+
+    _, q = pair
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    thread_hooks = ThreadHooks()
+
+    def run(scale: float) -> list[torch.Tensor]:
+        outs = []
+        with torch.inference_mode(), thread_hooks.use({(0, "down"): lambda x: x * scale}):
+            for _ in range(20):
+                outs.append(q(ids).logits)
+        return outs
+
+    with torch.inference_mode():
+        expected = {}
+        for scale in (0.0, 2.0):
+            with hooks(q, {(0, "down"): lambda x, s=scale: x * s}):
+                expected[scale] = q(ids).logits
+        plain = q(ids).logits
+    with thread_hooks.attach(q, [(0, "down")]), ThreadPoolExecutor(2) as pool:
+        results = dict(zip((0.0, 2.0), pool.map(run, (0.0, 2.0)), strict=True))
+        with torch.inference_mode():
+            torch.testing.assert_close(q(ids).logits, plain, rtol=0, atol=0)  # no function here: unhooked
+    assert not torch.allclose(expected[0.0], expected[2.0])
+    for scale, outs in results.items():
+        for out in outs:
+            torch.testing.assert_close(out, expected[scale], rtol=0, atol=0)

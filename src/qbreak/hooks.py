@@ -15,7 +15,8 @@ at its site ([batch, pos, d]) and may return a replacement (patching) or None (o
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -108,3 +109,34 @@ def hooks(model: torch.nn.Module, fns: Mapping[tuple[int, str], HookFn]) -> Iter
     finally:
         for handle in handles:
             handle.remove()
+
+
+class ThreadHooks:
+    """Hooks registered once on a model, whose functions each thread sets for itself (`use`), so
+    that threads may run differently hooked forwards of the same model at once (the patching
+    streams). A site without a function in the running thread observes nothing."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def attach(self, model: torch.nn.Module, keys: Collection[tuple[int, str]]) -> Iterator[None]:
+        """Register a dispatching hook at every (layer, site) of `keys` for the duration of the context."""
+        with hooks(model, {key: self._dispatch(key) for key in keys}):
+            yield
+
+    def _dispatch(self, key: tuple[int, str]) -> HookFn:
+        def fn(x: torch.Tensor) -> torch.Tensor | None:
+            own = getattr(self._local, "fns", None)
+            return None if own is None or key not in own else own[key](x)
+
+        return fn
+
+    @contextlib.contextmanager
+    def use(self, fns: Mapping[tuple[int, str], HookFn]) -> Iterator[None]:
+        """Run the calling thread's forwards with `fns` at their sites (attached keys only)."""
+        self._local.fns = fns
+        try:
+            yield
+        finally:
+            self._local.fns = None

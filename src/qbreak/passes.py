@@ -141,7 +141,7 @@ def default_streams(model: torch.nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _stream_pool(streams: int) -> Iterator[ThreadPoolExecutor]:
+def stream_pool(streams: int) -> Iterator[ThreadPoolExecutor]:
     """`streams` worker threads whose torch ops use threads // streams intra-op threads each.
 
     torch's thread count is process-wide for MKL and per OS thread for OpenMP (a new thread takes
@@ -207,7 +207,7 @@ def run_pair_pass(
 
             return add
 
-        _run_streams(batches, work, stack.enter_context(_stream_pool(2)), 2)
+        _run_streams(batches, work, stack.enter_context(stream_pool(2)), 2)
 
 
 def _reduce_pair(statistic: PairStatistic, batch: Batch, fp: ModelState, q: ModelState) -> object | None:
@@ -311,7 +311,7 @@ def run_pass(
 
             return add
 
-        _run_streams(batches, work, stack.enter_context(_stream_pool(streams)), streams)
+        _run_streams(batches, work, stack.enter_context(stream_pool(streams)), streams)
 
 
 def _run_streams(

@@ -17,25 +17,31 @@ is the same for every patch that starts at l, so one unpatched quantized pass re
 input (and the keyword arguments the decoder passes to its layers), and a patch starting at l runs
 only layers l … L−1 from there (`fast=True`; `fast=False` is the naive full forward, kept for the
 identity tests and the benchmark).
+
+A job given two or more threads on a CPU scores each batch's patches on two 1-thread streams
+(`passes.default_streams`), a patch at a time per stream, after the FP and the unpatched quantized
+forward (which run side by side). The patch hooks are registered once and each stream sets its own
+(`hooks.ThreadHooks`); results equal one stream's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import torch
 
 from qbreak.errors import QbreakError
-from qbreak.hooks import decoder_layers, hooks
+from qbreak.hooks import HookFn, ThreadHooks, decoder_layers, hooks
 from qbreak.io import PATCHING_SCHEMA
 from qbreak.nll import batch_nll
-from qbreak.passes import Batch, final_hidden_state, iter_batches
+from qbreak.passes import Batch, default_streams, final_hidden_state, iter_batches, stream_pool
 
 # patch site -> hook site (hooks.SITES) whose activation is replaced
 PATCH_SITES: dict[str, str] = {
@@ -106,9 +112,14 @@ def build_patches(
     return patches
 
 
+def patch_keys(patches: Sequence[Patch]) -> set[tuple[int, str]]:
+    """Every (layer, hook site) some activation patch replaces."""
+    return {(layer, PATCH_SITES[p.site]) for p in patches if p.site in PATCH_SITES for layer in p.layers}
+
+
 def fp_activations(fp_model: torch.nn.Module, batch: Batch, patches: Sequence[Patch]) -> dict[tuple[int, str], torch.Tensor]:
     """FP activations at every (layer, hook site) some patch replaces, for this batch only."""
-    needed = {(layer, PATCH_SITES[p.site]) for p in patches if p.site in PATCH_SITES for layer in p.layers}
+    needed = patch_keys(patches)
     cache: dict[tuple[int, str], torch.Tensor] = {}
     if not needed:
         return cache
@@ -124,7 +135,7 @@ def fp_activations(fp_model: torch.nn.Module, batch: Batch, patches: Sequence[Pa
     return cache
 
 
-def _patch_fns(patch: Patch, cache: Mapping[tuple[int, str], torch.Tensor]) -> dict[tuple[int, str], Any]:
+def _patch_fns(patch: Patch, cache: Mapping[tuple[int, str], torch.Tensor]) -> dict[tuple[int, str], HookFn]:
     if patch.site not in PATCH_SITES:
         return {}
     site = PATCH_SITES[patch.site]
@@ -179,54 +190,86 @@ def with_fp_weights(q_model: torch.nn.Module, fp_model: torch.nn.Module, module:
 @torch.inference_mode()
 def patched_nll(
     fp_model: torch.nn.Module, q_model: torch.nn.Module, batch: Batch, patches: Sequence[Patch], fast: bool = True,
-    hybrids: Mapping[str, torch.nn.Module] | None = None,
+    hybrids: Mapping[str, torch.nn.Module] | None = None, patch_hooks: ThreadHooks | None = None,
+    pool: Executor | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """patch key (site/label) → (summed NLL float64 [batch], scored tokens [batch]) for one batch."""
-    cache = fp_activations(fp_model, batch, patches)
-    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    """patch key (site/label) → (summed NLL float64 [batch], scored tokens [batch]) for one batch.
+
+    `patch_hooks` must be attached to `q_model` at `patch_keys(patches)` (else this call attaches
+    them); with a `pool` of streams (`passes.stream_pool`) the patches run there, in any order.
+    """
+    if patch_hooks is None:
+        patch_hooks = ThreadHooks()
+        with patch_hooks.attach(q_model, patch_keys(patches)):
+            return patched_nll(fp_model, q_model, batch, patches, fast, hybrids, patch_hooks, pool)
     inputs: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}
-    if fast or any(p.site == "none" for p in patches):  # the naive path needs it only for the unpatched NLL
-        with layer_inputs(q_model) as inputs:
-            unpatched = final_hidden_state(q_model, batch)
-    for patch in patches:
-        key = f"{patch.site}/{patch.label}"
+
+    def unpatched_pass() -> torch.Tensor | None:
+        if not (fast or any(p.site == "none" for p in patches)):  # the naive path needs it only for the unpatched NLL
+            return None
+        with layer_inputs(q_model) as recorded:
+            hidden = final_hidden_state(q_model, batch)
+        inputs.update(recorded)
+        return hidden
+
+    cache_call, unpatched_call = _calls([lambda: fp_activations(fp_model, batch, patches), unpatched_pass], pool)
+    cache, unpatched = cache_call(), unpatched_call()
+
+    def score(patch: Patch) -> tuple[torch.Tensor, torch.Tensor]:
         if patch.site == "none":
+            assert unpatched is not None
             hidden, model = unpatched, q_model
         elif patch.site in WEIGHT_SITES:
-            model = (hybrids or {})[key]
+            model = (hybrids or {})[f"{patch.site}/{patch.label}"]
             hidden = final_hidden_state(model, batch)
         else:
             model = q_model
-            with hooks(q_model, _patch_fns(patch, cache)):
+            with patch_hooks.use(_patch_fns(patch, cache)):
                 hidden = run_from(q_model, min(patch.layers), inputs) if fast else final_hidden_state(q_model, batch)
-        out[key] = batch_nll(model, batch, hidden)
-    return out
+        return batch_nll(model, batch, hidden)
+
+    calls = _calls([lambda patch=patch: score(patch) for patch in patches], pool)
+    return {f"{patch.site}/{patch.label}": call() for patch, call in zip(patches, calls, strict=True)}
+
+
+_Result = TypeVar("_Result")
+
+
+def _calls(fns: Sequence[Callable[[], _Result]], pool: Executor | None) -> list[Callable[[], _Result]]:
+    """Getters of the results of `fns`: called in place without a pool, else started in the pool
+    (in inference mode, which is per thread) and waited for by the getter."""
+    if pool is None:
+        return list(fns)
+
+    def inference(fn: Callable[[], _Result]) -> _Result:
+        with torch.inference_mode():
+            return fn()
+
+    return [pool.submit(inference, fn).result for fn in fns]
 
 
 def patching_table(
     fp_model: torch.nn.Module, q_model: torch.nn.Module, examples: pa.Table, model_name: str, method: str,
-    patches: Sequence[Patch], batch_size: int = 8, device: str = "cpu", fast: bool = True,
+    patches: Sequence[Patch], batch_size: int = 8, device: str = "cpu", fast: bool = True, streams: int | None = None,
 ) -> pa.Table:
-    """Per example and patch: the quantized model's NLL with that patch (io.PATCHING_SCHEMA)."""
-    hybrids = {
+    """Per example and patch: the quantized model's NLL with that patch (io.PATCHING_SCHEMA).
+
+    With `streams` ≥ 2 (default: `passes.default_streams`) each batch's patches run on two streams.
+    """
+    hybrids = {  # copied before the patch hooks are attached to q_model
         f"{p.site}/{p.label}": with_fp_weights(q_model, fp_model, WEIGHT_SITES[p.site], p.layers)
         for p in patches
         if p.site in WEIGHT_SITES
     }
+    streams = default_streams(q_model) if streams is None else streams
+    patch_hooks = ThreadHooks()
     columns: dict[str, list[Any]] = {name: [] for name in ("example_id", "site", "layers", "first", "last", "nll", "n")}
-    for batch in iter_batches(examples, batch_size, device):
-        results = patched_nll(fp_model, q_model, batch, patches, fast, hybrids)
-        ids = batch.example_ids.tolist()
-        for patch in patches:
-            sums, scored = results[f"{patch.site}/{patch.label}"]
-            nll = (sums / scored.clamp_min(1)).tolist()
-            columns["example_id"] += ids
-            columns["site"] += [patch.site] * len(ids)
-            columns["layers"] += [patch.label] * len(ids)
-            columns["first"] += [min(patch.layers) if patch.layers else None] * len(ids)
-            columns["last"] += [max(patch.layers) if patch.layers else None] * len(ids)
-            columns["nll"] += nll
-            columns["n"] += scored.tolist()
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patch_hooks.attach(q_model, patch_keys(patches)))
+        pool = stack.enter_context(stream_pool(2)) if streams >= 2 else None
+        for batch in iter_batches(examples, batch_size, device):
+            results = patched_nll(fp_model, q_model, batch, patches, fast, hybrids, patch_hooks, pool)
+            _add_rows(columns, batch, patches, results)
     n = len(columns["example_id"])
     return pa.table(
         {
@@ -242,3 +285,19 @@ def patching_table(
         },
         schema=PATCHING_SCHEMA,
     )
+
+
+def _add_rows(
+    columns: dict[str, list[Any]], batch: Batch, patches: Sequence[Patch], results: Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+) -> None:
+    """Append one batch's rows (per patch, its examples) to the table's columns."""
+    ids = batch.example_ids.tolist()
+    for patch in patches:
+        sums, scored = results[f"{patch.site}/{patch.label}"]
+        columns["example_id"] += ids
+        columns["site"] += [patch.site] * len(ids)
+        columns["layers"] += [patch.label] * len(ids)
+        columns["first"] += [min(patch.layers) if patch.layers else None] * len(ids)
+        columns["last"] += [max(patch.layers) if patch.layers else None] * len(ids)
+        columns["nll"] += (sums / scored.clamp_min(1)).tolist()
+        columns["n"] += scored.tolist()
