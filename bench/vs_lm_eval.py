@@ -14,8 +14,8 @@
    model, an FP + quantized KL pass per method, an amplification pass per method. Printed: forward
    passes, seconds and matmul FLOPs of both, and their ratios (the FLOP ratio is ≈ 0.51 for any M:
    the staged residual and amplification passes stop before the head, so the time ratio reaches
-   0.5 only where the fused passes run faster per FLOP than the staged ones). The logit lens runs on D_large ∪ D_ctrl only in
-   qbreak (a separate, smaller stage) and is left out of both sides.
+   0.5 only where the fused passes run faster per FLOP than the staged ones). The logit lens runs
+   on D_large ∪ D_ctrl only in qbreak (a separate, smaller stage) and is left out of both sides.
 
 Quantized models are RTN W3 / W4 built in-process (a real quantization; which method does not
 matter for speed). Bundled SmolLM2 (Q4_1 reference weights).

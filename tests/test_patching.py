@@ -153,6 +153,8 @@ def test_thread_hooks_keep_each_threads_functions(pair: tuple[torch.nn.Module, t
         with torch.inference_mode():
             torch.testing.assert_close(q(ids).logits, plain, rtol=0, atol=0)  # no function here: unhooked
     assert not torch.allclose(expected[0.0], expected[2.0])
+    with pytest.raises(ValueError, match="not attached"), thread_hooks.use({(1, "down"): lambda x: x}):
+        pass
     for scale, outs in results.items():
         for out in outs:
             torch.testing.assert_close(out, expected[scale], rtol=0, atol=0)

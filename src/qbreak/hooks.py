@@ -118,12 +118,17 @@ class ThreadHooks:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        self._keys: set[tuple[int, str]] = set()
 
     @contextlib.contextmanager
     def attach(self, model: torch.nn.Module, keys: Collection[tuple[int, str]]) -> Iterator[None]:
         """Register a dispatching hook at every (layer, site) of `keys` for the duration of the context."""
         with hooks(model, {key: self._dispatch(key) for key in keys}):
-            yield
+            self._keys.update(keys)
+            try:
+                yield
+            finally:
+                self._keys.difference_update(keys)
 
     def _dispatch(self, key: tuple[int, str]) -> HookFn:
         def fn(x: torch.Tensor) -> torch.Tensor | None:
@@ -134,7 +139,10 @@ class ThreadHooks:
 
     @contextlib.contextmanager
     def use(self, fns: Mapping[tuple[int, str], HookFn]) -> Iterator[None]:
-        """Run the calling thread's forwards with `fns` at their sites (attached keys only)."""
+        """Run the calling thread's forwards with `fns` at their sites, which must be attached."""
+        missing = set(fns) - self._keys
+        if missing:
+            raise ValueError(f"hook sites {sorted(missing)} are not attached")
         self._local.fns = fns
         try:
             yield
