@@ -82,6 +82,11 @@ class Patch:
                 f"{sorted(PATCH_SITES) + sorted(WEIGHT_SITES)}"
             )
 
+    @property
+    def key(self) -> str:
+        """site/label: the patch's key in `patched_nll`'s results and the hybrid models."""
+        return f"{self.site}/{self.label}"
+
 
 def upper_half(n_layers: int) -> tuple[int, ...]:
     """The paper's default patch set: layers ⌊L/2⌋ … L−1."""
@@ -220,7 +225,7 @@ def patched_nll(
             assert unpatched is not None
             hidden, model = unpatched, q_model
         elif patch.site in WEIGHT_SITES:
-            model = (hybrids or {})[f"{patch.site}/{patch.label}"]
+            model = (hybrids or {})[patch.key]
             hidden = final_hidden_state(model, batch)
         else:
             model = q_model
@@ -229,7 +234,7 @@ def patched_nll(
         return batch_nll(model, batch, hidden)
 
     calls = _calls([lambda patch=patch: score(patch) for patch in patches], pool)
-    return {f"{patch.site}/{patch.label}": call() for patch, call in zip(patches, calls, strict=True)}
+    return {patch.key: call() for patch, call in zip(patches, calls, strict=True)}
 
 
 _Result = TypeVar("_Result")
@@ -257,7 +262,7 @@ def patching_table(
     With `streams` ≥ 2 (default: `passes.default_streams`) each batch's patches run on two streams.
     """
     hybrids = {  # copied before the patch hooks are attached to q_model
-        f"{p.site}/{p.label}": with_fp_weights(q_model, fp_model, WEIGHT_SITES[p.site], p.layers)
+        p.key: with_fp_weights(q_model, fp_model, WEIGHT_SITES[p.site], p.layers)
         for p in patches
         if p.site in WEIGHT_SITES
     }
@@ -293,7 +298,7 @@ def _add_rows(
     """Append one batch's rows (per patch, its examples) to the table's columns."""
     ids = batch.example_ids.tolist()
     for patch in patches:
-        sums, scored = results[f"{patch.site}/{patch.label}"]
+        sums, scored = results[patch.key]
         columns["example_id"] += ids
         columns["site"] += [patch.site] * len(ids)
         columns["layers"] += [patch.label] * len(ids)
