@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 
 RUNTIME = {"device": "cpu", "dtype": "float32", "batch_size": 8}
-STAGES = ("score_fp", "compare_to_fp", "logit_lens", "restore_layers", "patch_activations")
+STAGES = ("score_model", "score_fp", "compare_to_fp", "logit_lens", "restore_layers", "patch_activations")
 
 
 def child(stage: str, work: Path, fp: str, q: str, examples: str, selection: str) -> None:
@@ -34,7 +34,13 @@ def child(stage: str, work: Path, fp: str, q: str, examples: str, selection: str
     configure(int(json.loads((work / "threads.json").read_text())))
     out = work / stage
     out.mkdir(exist_ok=True)
-    if stage == "score_fp":
+    if stage == "score_model":  # FP and two methods side by side (the quantized folder twice)
+        jobs.score_model_job(
+            "m", fp, examples, RUNTIME, topk=32, fp_outputs={n: str(out / f"fp_{n}.arrow") for n in jobs.FP_OUTPUTS},
+            quantized={"q1": q, "q2": q},
+            outputs={m: {n: str(out / f"{m}_{n}.arrow") for n in jobs.METHOD_OUTPUTS} for m in ("q1", "q2")},
+        )
+    elif stage == "score_fp":
         jobs.fp_pass_job("m", fp, examples, str(out / "nll.arrow"), str(out / "res.arrow"), str(out / "dims.arrow"), RUNTIME)
     elif stage == "compare_to_fp":
         jobs.compare_job("m", "q", fp, q, examples, str(out / "nll.arrow"), str(out / "kl.arrow"),

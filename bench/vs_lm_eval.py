@@ -8,14 +8,16 @@
    as two 1-thread streams (its default); lm-eval splits each op over the threads, as it does when
    given them. Its one-stream time and the matmuls as two streams are printed too.
 2. The whole analysis of FP + M methods (NLL, KL both ways, residual norms and kurtosis, MLP
-   amplification): qbreak's fused passes (`score_fp` + one side-by-side `compare_to_fp` per method,
-   the statistics the workflow computes) vs the same statistics one stage at a time, as a user of
-   lm-eval plus hook scripts would run them: lm-eval NLL per model, a residual-statistics pass per
-   model, an FP + quantized KL pass per method, an amplification pass per method. Printed: forward
-   passes, seconds and matmul FLOPs of both, and their ratios (the FLOP ratio is ≈ 0.51 for any M:
-   the staged residual and amplification passes stop before the head, so the time ratio reaches
-   0.5 only where the fused passes run faster per FLOP than the staged ones). The logit lens runs
-   on D_large ∪ D_ctrl only in qbreak (a separate, smaller stage) and is left out of both sides.
+   amplification): qbreak's fused pass (the default `passes.fuse_methods: true`: the FP model once
+   per batch and every method beside it, rule `score_model`) vs the same statistics one stage at a
+   time, as a user of lm-eval plus hook scripts would run them: lm-eval NLL per model, a
+   residual-statistics pass per model, an FP + quantized KL pass per method, an amplification pass
+   per method. qbreak's per-method layout (`fuse_methods: false`: `score_fp` + one side-by-side
+   `compare_to_fp` per method) is timed too. Printed: forward passes, seconds and matmul FLOPs of
+   each, and their ratios. The staged residual and amplification passes stop before the head, so
+   the per-method layout's FLOP ratio is ≈ 0.51 for any M; the fused pass runs FP once (≈ 0.38 for
+   M = 2). The logit lens runs on D_large ∪ D_ctrl only in qbreak (a separate, smaller stage) and
+   is left out of all sides.
 
 Quantized models are RTN W3 / W4 built in-process (a real quantization; which method does not
 matter for speed). Bundled SmolLM2 (Q4_1 reference weights).
@@ -48,7 +50,7 @@ from qbreak.io import EXAMPLES_SCHEMA, read_table  # noqa: E402
 from qbreak.kl import CompareStatistic  # noqa: E402
 from qbreak.models import load_model, load_tokenizer  # noqa: E402
 from qbreak.nll import NLLStatistic, per_example_nll  # noqa: E402
-from qbreak.passes import iter_batches, run_pair_pass, run_pass  # noqa: E402
+from qbreak.passes import iter_batches, run_group_pass, run_pair_pass, run_pass  # noqa: E402
 from qbreak.residuals import AmplificationStatistic, ResidualStatistic  # noqa: E402
 from qbreak.runtime import configure  # noqa: E402
 
@@ -60,7 +62,20 @@ def timed(fn):  # noqa: ANN001, ANN201
 
 
 def fused_analysis(fp, quantized, examples, batch_size: int) -> tuple[int, float]:  # noqa: ANN001
-    """qbreak's passes: FP once (NLL + residuals), then FP + each method side by side."""
+    """qbreak's default layout (rule score_model): the FP model once per batch (NLL + residuals),
+    every method beside it (KL, its NLL and residuals, amplification)."""
+    start = time.perf_counter()
+    run_group_pass(
+        fp, quantized, iter_batches(examples, batch_size), [[CompareStatistic("m", f"q{i}")] for i in range(len(quantized))],
+        fp_statistics=[NLLStatistic("m", "fp"), ResidualStatistic("m", "fp"),
+                       *(AmplificationStatistic("m", f"q{i}", q) for i, q in enumerate(quantized))],
+        q_statistics=[[ResidualStatistic("m", f"q{i}")] for i in range(len(quantized))],
+    )
+    return 1 + len(quantized), time.perf_counter() - start
+
+
+def per_method_analysis(fp, quantized, examples, batch_size: int) -> tuple[int, float]:  # noqa: ANN001
+    """qbreak with passes.fuse_methods: false: FP once (NLL + residuals), then FP + each method side by side."""
     start = time.perf_counter()
     run_pass(fp, iter_batches(examples, batch_size), [NLLStatistic("m", "fp"), ResidualStatistic("m", "fp")])
     for q in quantized:
@@ -86,16 +101,21 @@ def staged_analysis(fp, quantized, tokenizer, rows, examples, batch_size: int) -
     return forwards, time.perf_counter() - start
 
 
-def analysis_flops(model: torch.nn.Module, methods: int) -> tuple[float, float]:
-    """Matmul FLOPs per token of `fused_analysis` and `staged_analysis` (2 per parameter a token
-    multiplies by). A residual or amplification pass of `run_pass` stops at the final hidden state
-    (no head); an NLL or KL pass runs the head; an amplification adds one quantized MLP per layer."""
+def analysis_flops(model: torch.nn.Module, methods: int) -> dict[str, float]:
+    """Matmul FLOPs per token of `fused_analysis`, `per_method_analysis` and `staged_analysis` (2 per
+    parameter a token multiplies by). A residual or amplification pass of `run_pass` stops at the
+    final hidden state (no head); an NLL or KL pass runs the head (the KL both models' heads: the
+    fused pass runs the FP head once more per method); an amplification adds one quantized MLP per
+    layer."""
     full = 2 * forward_params(model)
-    decoder = full - 2 * model.get_output_embeddings().weight.numel()
+    head = 2 * model.get_output_embeddings().weight.numel()
+    decoder = full - head
     mlp = 2 * mlp_params(model)
-    fused = full + methods * (2 * full + mlp)
-    staged = (1 + methods) * (full + decoder) + methods * (2 * full + decoder + mlp)
-    return fused, staged
+    return {
+        "fused": full + methods * (full + head + mlp),
+        "per method": full + methods * (2 * full + mlp),
+        "staged": (1 + methods) * (full + decoder) + methods * (2 * full + decoder + mlp),
+    }
 
 
 def main() -> None:
@@ -149,26 +169,33 @@ def main() -> None:
 
     # 2. The whole analysis of FP + M methods.
     quantized = [rtn_copy(model, bits) for bits in (3, 4)[: args.methods]]
-    fused_times, staged_times = [], []
+    runs = {
+        "qbreak fused pass": lambda: fused_analysis(model, quantized, examples, b),
+        "qbreak, a job per method": lambda: per_method_analysis(model, quantized, examples, b),
+        "one stage at a time": lambda: staged_analysis(model, quantized, tokenizer, rows, examples, b),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    forwards: dict[str, int] = {}
     for _ in range(args.repeats):  # interleaved, the best of each
-        fused_forwards, seconds = fused_analysis(model, quantized, examples, b)
-        fused_times.append(seconds)
-        staged_forwards, seconds = staged_analysis(model, quantized, tokenizer, rows, examples, b)
-        staged_times.append(seconds)
-    fused_seconds, staged_seconds = min(fused_times), min(staged_times)
+        for name, run in runs.items():
+            forwards[name], elapsed = run()
+            seconds[name].append(elapsed)
+    best = {name: min(values) for name, values in seconds.items()}
     m = len(quantized)
+    flops = dict(zip(runs, analysis_flops(model, m).values(), strict=True))
+    staged = "one stage at a time"
     print(f"\nanalysis of FP + {m} methods (NLL, KL, residual norms/kurtosis, amplification), best of {args.repeats}:")
-    print(f"{'':<28}{'forwards':>9}{'seconds':>9}")
-    print(f"{'qbreak fused passes':<28}{fused_forwards:>9}{fused_seconds:>9.1f}")
-    print(f"{'one stage at a time':<28}{staged_forwards:>9}{staged_seconds:>9.1f}")
-    print(f"qbreak / staged: forwards {fused_forwards / staged_forwards:.2f}, time {fused_seconds / staged_seconds:.2f} "
-          f"(both sides also run {m} amplification MLP passes; for M methods the forward ratio is "
-          f"(1 + 2M) / (2 + 5M) → 0.40)")
-    fused_flops, staged_flops = analysis_flops(model, m)
-    print(f"matmul FLOPs per token: fused {fused_flops / 1e9:.2f} G, staged {staged_flops / 1e9:.2f} G, ratio "
-          f"{fused_flops / staged_flops:.2f} (the staged residual and amplification passes skip the head); "
-          f"FLOP/s of the fused passes / the staged ones: {fused_flops / fused_seconds / (staged_flops / staged_seconds):.2f}x")
-
+    print(f"{'':<28}{'forwards':>9}{'seconds':>9}{'GFLOP/token':>13}{'GFLOP/s':>9}")
+    for name in runs:
+        print(f"{name:<28}{forwards[name]:>9}{best[name]:>9.1f}{flops[name] / 1e9:>13.2f}"
+              f"{flops[name] * n_tokens / best[name] / 1e9:>9.1f}")
+    print(f"(every side also runs {m} amplification MLP passes; matmul FLOPs: the staged residual and "
+          f"amplification passes skip the head)")
+    for name in ("qbreak fused pass", "qbreak, a job per method"):
+        print(f"{name} / staged: forwards {forwards[name] / forwards[staged]:.2f}, time {best[name] / best[staged]:.2f}, "
+              f"FLOPs {flops[name] / flops[staged]:.2f}")
+    print(f"fused pass / a job per method: time {best['qbreak fused pass'] / best['qbreak, a job per method']:.2f}, "
+          f"FLOPs {flops['qbreak fused pass'] / flops['qbreak, a job per method']:.2f}")
 
 if __name__ == "__main__":
     main()

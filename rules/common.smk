@@ -103,6 +103,8 @@ MODEL_PASS = (
     *JOBS,
     "jobs:_log_speed",
 )
+# score_fp, compare_to_fp and score_model all run jobs.score_model_job
+SCORE_MODEL = (*MODEL_PASS, "kl", "residuals", "jobs:score_model_job")
 QUANTIZERS = [
     f"quantize.{m}"
     for m in ("base", "rtn", "nf", "hqq", "gptq", "awq", "oneshot", "run")
@@ -119,8 +121,9 @@ CODE = {
         "jobs:make_calibration_job",
     ),
     "quantize": source_hash(*QUANTIZERS, "models", "io", *JOBS, "jobs:quantize_job"),
-    "fp_pass": source_hash(*MODEL_PASS, "residuals", "jobs:fp_pass_job"),
-    "compare": source_hash(*MODEL_PASS, "kl", "residuals", "jobs:compare_job"),
+    "fp_pass": source_hash(*SCORE_MODEL, "jobs:fp_pass_job"),
+    "compare": source_hash(*SCORE_MODEL, "jobs:compare_job"),
+    "model_pass": source_hash(*SCORE_MODEL),
     "topk": source_hash(*MODEL_PASS, "kl", "jobs:fp_topk_job"),
     "errors": source_hash("errors_table", "io", *JOBS, "jobs:errors_job"),
     "analysis": source_hash(

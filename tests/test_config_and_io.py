@@ -58,6 +58,7 @@ def test_paper_config_builds_its_dag(tmp_path: Path) -> None:
     proc = run_snakemake(tmp_path, "-n", "--cores", "1")
     for rule in ("fetch_model", "score_fp", "compare_to_fp", "analyze_errors", "analyze_residuals", "patch_activations"):
         assert rule in proc.stdout, rule
+    assert "score_model" not in proc.stdout  # passes.fuse_methods: false, one FP + method job per method
     # model jobs are sized from the model (bf16 weights, two copies side by side) and ask for a GPU (cuda)
     jobs = proc.stdout.split("\n\n")
     compare_70b = next(j for j in jobs if "rule compare_to_fp:" in j and "model=llama-3-70b" in j)
@@ -66,6 +67,25 @@ def test_paper_config_builds_its_dag(tmp_path: Path) -> None:
     assert "gpu=1" in compare_70b
     analysis = next(j for j in jobs if "rule analyze_errors:" in j)
     assert "gpu=" not in analysis and "mem_mb=2000" in analysis
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_fused_or_per_method_model_passes(tmp_path: Path, fuse: bool) -> None:
+    """passes.fuse_methods: one score_model job per model holding every model, or score_fp plus one
+    compare_to_fp job (two models) per method; both write the same files."""
+    config = yaml.safe_load((REPO / "tests" / "workflow" / "config.yaml").read_text())
+    config["passes"] = {"fuse_methods": fuse}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = run_snakemake(tmp_path, "-n", "--cores", "2", "--printshellcmds", "results/errors/smollm2-135m.arrow")
+    counts = {rule: proc.stdout.count(f"rule {rule}:") for rule in ("score_model", "score_fp", "compare_to_fp")}
+    methods = len(config["methods"])
+    assert counts == ({"score_model": 1, "score_fp": 0, "compare_to_fp": 0} if fuse else
+                      {"score_model": 0, "score_fp": 1, "compare_to_fp": methods})
+    for method in ["fp", *config["methods"]]:
+        assert f"results/nll/smollm2-135m/{method}.arrow" in proc.stdout
+    if fuse:  # every model's float32 weights (the bundled 135M) plus 7000 MB
+        job = proc.stdout.split("rule score_model:")[1]
+        assert int(re.search(r"mem_mb=(\d+)", job).group(1)) == int((1 + methods) * 134_515_008 * 4 / 2**20 + 7000)
 
 
 def nll_table() -> pa.Table:

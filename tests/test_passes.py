@@ -14,7 +14,15 @@ from qbreak.kl import CompareStatistic
 from qbreak.lens import LogitLensStatistic
 from qbreak.nll import NLLStatistic, per_example_nll
 from qbreak.hooks import hooks
-from qbreak.passes import Batch, ModelState, default_streams, iter_batches, run_pair_pass, run_pass
+from qbreak.passes import (
+    Batch,
+    ModelState,
+    default_streams,
+    iter_batches,
+    run_group_pass,
+    run_pair_pass,
+    run_pass,
+)
 from qbreak.residuals import AmplificationStatistic, ResidualStatistic
 from tests.conftest import make_tiny_llama, perturbed_copy
 from tests.test_kl import _examples
@@ -207,3 +215,50 @@ def test_a_failing_pair_stream_raises_and_restores_the_threads(
         run_pair_pass(fp, q, iter_batches(_examples(n=12), 2), [recorder], streams=2)
     assert len(recorder.seen) == 2
     assert torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_group_pass_equals_one_pass_per_model(
+    pair: tuple[torch.nn.Module, torch.nn.Module], two_threads: None, streams: int
+) -> None:
+    """FP once per batch and two quantized models beside it: every table equals that of the FP pass
+    and of one side-by-side pass per quantized model."""
+    fp, q1 = pair
+    q2 = perturbed_copy(fp, scale=0.2, seed=7)
+    examples = _examples(n=9, max_len=25)
+
+    def statistics(name: str, q: torch.nn.Module) -> tuple[CompareStatistic, ResidualStatistic, AmplificationStatistic]:
+        return CompareStatistic("tiny", name, topk=8), ResidualStatistic("tiny", name), AmplificationStatistic("tiny", name, q)
+
+    fp_nll, fp_residuals = NLLStatistic("tiny", "fp"), ResidualStatistic("tiny", "fp")
+    run_pass(fp, iter_batches(examples, 2), [fp_nll, fp_residuals], streams=streams)
+    expected = [fp_nll.result(), fp_residuals.result()]
+    for name, q in (("q1", q1), ("q2", q2)):
+        compare, residuals, amplification = statistics(name, q)
+        run_pair_pass(
+            fp, q, iter_batches(examples, 2), [compare], fp_statistics=[amplification], q_statistics=[residuals],
+            streams=streams,
+        )
+        expected += [compare.nll_table(), compare.kl_table(), residuals.result(), amplification.result()]
+
+    group_nll, group_residuals = NLLStatistic("tiny", "fp"), ResidualStatistic("tiny", "fp")
+    per_q = [statistics("q1", q1), statistics("q2", q2)]
+    run_group_pass(
+        fp, [q1, q2], iter_batches(examples, 2), [[compare] for compare, _, _ in per_q],
+        fp_statistics=[group_nll, group_residuals, *(amplification for _, _, amplification in per_q)],
+        q_statistics=[[residuals] for _, residuals, _ in per_q], streams=streams,
+    )
+    got = [group_nll.result(), group_residuals.result()]
+    for compare, residuals, amplification in per_q:
+        got += [compare.nll_table(), compare.kl_table(), residuals.result(), amplification.result()]
+    assert len(got) == len(expected) == 10
+    for one, group in zip(expected, got, strict=True):
+        assert group.equals(one)
+    assert got[2].column("nll").to_pylist() != got[6].column("nll").to_pylist()  # two different models
+    assert torch.get_num_threads() == 2
+
+
+def test_group_pass_refuses_mismatched_statistics(pair: tuple[torch.nn.Module, torch.nn.Module]) -> None:
+    fp, q = pair
+    with pytest.raises(ValueError, match="2 quantized models need as many lists"):
+        run_group_pass(fp, [q, q], iter_batches(_examples(n=2), 2), [[CompareStatistic("tiny", "q")]])

@@ -60,7 +60,7 @@ def test_fp_nll_table(tiny_run: Path) -> None:
     assert values.std() > 0.05  # examples differ
     assert set(nll.column("method").to_pylist()) == {"fp"}
     assert nll.column("n_scored").to_pylist() == [31] * nll.num_rows
-    for name in ("fetch_model", "make_examples", "score_fp", "compare_to_fp"):
+    for name in ("fetch_model", "make_examples", "score_model"):  # passes.fuse_methods: one model pass
         assert list((tiny_run / "benchmarks" / name).rglob("*.tsv")), name
         assert list((tiny_run / "logs" / name).rglob("*.log")), name
 
@@ -104,7 +104,8 @@ def job_counts(stdout: str) -> dict[str, int]:
     return counts
 
 
-def test_editing_one_method_reruns_only_its_branch(tiny_run: Path) -> None:
+def test_editing_one_method_requantizes_only_that_method(tiny_run: Path) -> None:
+    """The model pass (FP and every method side by side) reruns; no other method is requantized."""
     config = yaml.safe_load((tiny_run / "config.yaml").read_text())
     config["methods"]["nf4-g64"]["group_size"] = 32
     (tiny_run / "edited.yaml").write_text(yaml.safe_dump(config))
@@ -112,7 +113,7 @@ def test_editing_one_method_reruns_only_its_branch(tiny_run: Path) -> None:
     assert job_counts(proc.stdout) == {
         "all": 1,
         "quantize_model": 1,
-        "compare_to_fp": 1,
+        "score_model": 1,
         "collect_errors": 1,
         "analyze_errors": 1,
         "plot_errors": 1,
@@ -127,7 +128,8 @@ def test_editing_one_method_reruns_only_its_branch(tiny_run: Path) -> None:
     }
     outputs = [line for line in proc.stdout.splitlines() if line.strip().startswith("output:")]
     for other in ("gptq-w3-g64", "rtn-w3-g64"):
-        assert not [line for line in outputs if f"models/smollm2-135m/{other}" in line or f"kl/smollm2-135m/{other}" in line]
+        assert not [line for line in outputs if f"models/smollm2-135m/{other}" in line]
+    assert [line for line in outputs if "models/smollm2-135m/nf4-g64" in line]
     assert [line for line in outputs if "kl/smollm2-135m/nf4-g64.arrow" in line]
 
 
@@ -137,9 +139,9 @@ def test_more_examples_rerun_everything_downstream_of_the_examples(tiny_run: Pat
     (tiny_run / "more.yaml").write_text(yaml.safe_dump(config))
     counts = job_counts(run_snakemake(tiny_run, "-n", "--cores", "2", configfile="more.yaml").stdout)
     assert "fetch_model" not in counts  # upstream of the examples
-    assert counts["make_examples"] == 1 and counts["score_fp"] == 1
+    assert counts["make_examples"] == 1 and counts["score_model"] == 1
     assert "quantize_model" not in counts  # RTN/NF are data-free, GPTQ calibrates on its own corpus
-    assert counts["compare_to_fp"] == len(config["methods"]) and counts["patch_activations"] == 1
+    assert counts["patch_activations"] == 1
     assert counts["report_overview"] == 1
 
 

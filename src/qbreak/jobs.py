@@ -119,23 +119,10 @@ def fp_pass_job(
     runtime: Mapping[str, Any], trust_remote_code: bool = False,
 ) -> None:
     """One pass of the FP model: per-example NLL, residual norms and kurtosis, per-dimension |r| and γ."""
-    from qbreak.models import load_model
-    from qbreak.nll import NLLStatistic
-    from qbreak.passes import iter_batches, run_pass
-    from qbreak.residuals import ResidualStatistic, dims_table, norm_weights
-
-    device, dtype, batch_size = _runtime(runtime)
-    table = read_table(examples, EXAMPLES_SCHEMA)
-    model = load_model(Path(model_dir), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    nll, residuals = NLLStatistic(model_name, "fp"), ResidualStatistic(model_name, "fp")
-    start = time.perf_counter()
-    run_pass(model, iter_batches(table, batch_size, device), [nll, residuals])
-    nll_table = nll.result()
-    _log_speed(model_name, "fp", nll_table, time.perf_counter() - start, " (NLL and residuals)")
-    meta = {"model": model_name, "method": "fp", "dtype": str(dtype)}
-    write_table(nll_table, nll_output, NLL_SCHEMA, meta)
-    write_table(residuals.result(), residuals_output, RESIDUALS_SCHEMA, meta)
-    write_table(dims_table(model_name, residuals.mean_abs_per_dim(), norm_weights(model)), dims_output, DIMS_SCHEMA, meta)
+    score_model_job(
+        model_name, model_dir, examples, runtime, fp_outputs={"nll": nll_output, "residuals": residuals_output,
+        "dims": dims_output}, trust_remote_code=trust_remote_code,
+    )
 
 
 def compare_job(
@@ -145,30 +132,83 @@ def compare_job(
 ) -> None:
     """One side-by-side pass of FP and a quantized model: its NLL, KL to FP, residual statistics and
     the amplification of weight error in each MLP (the quantized MLP on the FP MLP input)."""
-    from qbreak.kl import CompareStatistic
+    outputs = {"nll": nll_output, "kl": kl_output, "residuals": residuals_output, "amplification": amplification_output}
+    score_model_job(
+        model_name, fp_dir, examples, runtime, topk=topk, quantized={method: q_dir}, outputs={method: outputs},
+        trust_remote_code=trust_remote_code,
+    )
+
+
+FP_OUTPUTS = ("nll", "residuals", "dims")
+METHOD_OUTPUTS = ("nll", "kl", "residuals", "amplification")
+
+
+def score_model_job(
+    model_name: str, fp_dir: str, examples: str, runtime: Mapping[str, Any], topk: int | None = None,
+    fp_outputs: Mapping[str, str] | None = None, quantized: Mapping[str, str] | None = None,
+    outputs: Mapping[str, Mapping[str, str]] | None = None, trust_remote_code: bool = False,
+) -> None:
+    """One pass over the examples: the FP model once per batch, every quantized model beside it.
+
+    fp_outputs (keys `FP_OUTPUTS`): the FP model's per-example NLL, residual norms and kurtosis, and
+    per-dimension |r| and γ; None skips them. quantized: method → model folder; outputs[method]
+    (keys `METHOD_OUTPUTS`): the method's NLL, KL to FP (top-k KL with `topk`, default
+    kl.DEFAULT_TOPK), residual statistics and the amplification of weight error in each MLP (the
+    quantized MLP on the FP MLP input). The tables equal those of
+    one FP pass and one side-by-side pass per method (`fp_pass_job`, `compare_job`).
+    """
+    from qbreak.kl import DEFAULT_TOPK, CompareStatistic
     from qbreak.models import load_model
-    from qbreak.passes import iter_batches, run_pair_pass
-    from qbreak.residuals import AmplificationStatistic, ResidualStatistic
+    from qbreak.nll import NLLStatistic
+    from qbreak.passes import iter_batches, run_group_pass
+    from qbreak.residuals import AmplificationStatistic, ResidualStatistic, dims_table, norm_weights
+
+    quantized, outputs = dict(quantized or {}), dict(outputs or {})
+    if set(outputs) != set(quantized):
+        raise ValueError(f"outputs {sorted(outputs)} do not match the quantized models {sorted(quantized)}")
+    for keys, names in [(fp_outputs, FP_OUTPUTS), *((outputs[m], METHOD_OUTPUTS) for m in quantized)]:
+        if keys is not None and set(keys) != set(names):
+            raise ValueError(f"output keys {sorted(keys)}, expected {sorted(names)}")
+    if fp_outputs is None and not quantized:
+        raise ValueError("score_model_job: nothing to compute (no FP outputs, no quantized models)")
 
     device, dtype, batch_size = _runtime(runtime)
     table = read_table(examples, EXAMPLES_SCHEMA)
-    fp = load_model(Path(fp_dir), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    quantized = load_model(Path(q_dir), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    compare = CompareStatistic(model_name, method, topk)
-    residuals = ResidualStatistic(model_name, method)
-    amplification = AmplificationStatistic(model_name, method, quantized)
+
+    def load(folder: str) -> Any:
+        return load_model(Path(folder), dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+    fp = load(fp_dir)
+    q_models = {method: load(folder) for method, folder in quantized.items()}
+    fp_nll, fp_residuals = NLLStatistic(model_name, "fp"), ResidualStatistic(model_name, "fp")
+    fp_statistics: list[Any] = [fp_nll, fp_residuals] if fp_outputs is not None else []
+    compare = {m: CompareStatistic(model_name, m, DEFAULT_TOPK if topk is None else topk) for m in quantized}
+    residuals = {m: ResidualStatistic(model_name, m) for m in quantized}
+    amplification = {m: AmplificationStatistic(model_name, m, q) for m, q in q_models.items()}
     start = time.perf_counter()
-    run_pair_pass(
-        fp, quantized, iter_batches(table, batch_size, device), [compare],
-        fp_statistics=[amplification], q_statistics=[residuals],
+    run_group_pass(
+        fp, list(q_models.values()), iter_batches(table, batch_size, device), [[compare[m]] for m in quantized],
+        fp_statistics=[*fp_statistics, *amplification.values()], q_statistics=[[residuals[m]] for m in quantized],
     )
-    nll = compare.nll_table()
-    _log_speed(model_name, method, nll, time.perf_counter() - start, " (FP and quantized side by side)")
-    meta = {"model": model_name, "method": method, "dtype": str(dtype)}
-    write_table(nll, nll_output, NLL_SCHEMA, meta)
-    write_table(compare.kl_table(), kl_output, KL_SCHEMA, meta)
-    write_table(residuals.result(), residuals_output, RESIDUALS_SCHEMA, meta)
-    write_table(amplification.result(), amplification_output, AMPLIFICATION_SCHEMA, meta)
+    seconds = time.perf_counter() - start
+    nll = {"fp": fp_nll.result()} if fp_outputs is not None else {}
+    nll |= {m: compare[m].nll_table() for m in quantized}
+    what = f" (FP and {len(quantized)} quantized side by side)" if quantized else " (NLL and residuals)"
+    _log_speed(model_name, ",".join(nll), next(iter(nll.values())), seconds, what)
+
+    def meta(method: str) -> dict[str, str]:
+        return {"model": model_name, "method": method, "dtype": str(dtype)}
+
+    if fp_outputs is not None:
+        write_table(nll["fp"], fp_outputs["nll"], NLL_SCHEMA, meta("fp"))
+        write_table(fp_residuals.result(), fp_outputs["residuals"], RESIDUALS_SCHEMA, meta("fp"))
+        dims = dims_table(model_name, fp_residuals.mean_abs_per_dim(), norm_weights(fp))
+        write_table(dims, fp_outputs["dims"], DIMS_SCHEMA, meta("fp"))
+    for method, files in outputs.items():
+        write_table(nll[method], files["nll"], NLL_SCHEMA, meta(method))
+        write_table(compare[method].kl_table(), files["kl"], KL_SCHEMA, meta(method))
+        write_table(residuals[method].result(), files["residuals"], RESIDUALS_SCHEMA, meta(method))
+        write_table(amplification[method].result(), files["amplification"], AMPLIFICATION_SCHEMA, meta(method))
 
 
 def fp_topk_job(

@@ -10,7 +10,7 @@ On a CPU with two or more threads a pass runs as two *streams*: Python threads, 
 ops with half the threads (torch releases the GIL inside its ops). The small matmuls of a decoder
 split poorly across threads, so two streams of one thread each do more per second than one stream
 of two (README, Performance). Each stream takes its own batches (in the side-by-side pass, through
-both models), and the statistics consume them in batch order. Results equal the one-stream pass.
+all the models), and the statistics consume them in batch order. Results equal the one-stream pass.
 """
 
 from __future__ import annotations
@@ -171,38 +171,68 @@ def run_pair_pass(
 
     Only one batch of either model's activations exists at a time per stream, so comparisons that
     need both full distributions (KL) never store logits for the corpus. `fp_statistics` /
-    `q_statistics` observe one of the two models, as in `run_pass`. With 2 streams
-    (`default_streams`) each stream takes its own batches through both models and the pair
-    statistics' `reduce` (the KL head), and the statistics consume the batches in order, as in
-    `run_pass`; hooked observers must keep their state per forward (`stream_safe`), else the pass
-    runs one batch at a time. `streams` above 2 counts as 2.
+    `q_statistics` observe one of the two models, as in `run_pass`. This is `run_group_pass` with
+    one quantized model.
     """
+    run_group_pass(fp_model, [q_model], batches, [statistics], fp_statistics, [q_statistics], streams)
+
+
+@torch.inference_mode()
+def run_group_pass(
+    fp_model: torch.nn.Module,
+    q_models: Sequence[torch.nn.Module],
+    batches: Iterator[Batch],
+    statistics: Sequence[Sequence[PairStatistic]],
+    fp_statistics: Sequence[Statistic] = (),
+    q_statistics: Sequence[Sequence[Statistic]] | None = None,
+    streams: int | None = None,
+) -> None:
+    """Run the FP model once per batch and every quantized model beside it; feed every statistic.
+
+    `statistics[i]` compare the FP model with `q_models[i]` (`PairStatistic`), `q_statistics[i]`
+    observe `q_models[i]` alone and `fp_statistics` the FP model, as in `run_pass`. The FP forward
+    is shared: M methods cost one FP and M quantized forwards, where M side-by-side passes cost 2M.
+    With 2 streams (`default_streams`) each stream takes its own batches through all the models
+    and the statistics' `reduce` (the KL head), and the statistics consume the batches in order,
+    as in `run_pass`; hooked observers must keep their state per forward (`stream_safe`), else the
+    pass runs one batch at a time. `streams` above 2 counts as 2. Results equal one
+    `run_pair_pass` per quantized model.
+    """
+    q_statistics = [() for _ in q_models] if q_statistics is None else q_statistics
+    if not len(statistics) == len(q_statistics) == len(q_models):
+        raise ValueError(
+            f"{len(q_models)} quantized models need as many lists of pair statistics and of quantized-model "
+            f"statistics, got {len(statistics)} and {len(q_statistics)}"
+        )
+    groups = list(zip(q_models, statistics, q_statistics, strict=True))
     streams = default_streams(fp_model) if streams is None else streams
-    observers = [*fp_statistics, *q_statistics]
+    observers = [*fp_statistics, *(statistic for observing in q_statistics for statistic in observing)]
     with contextlib.ExitStack() as stack:
         _attached(fp_model, fp_statistics, stack)
-        _attached(q_model, q_statistics, stack)
+        for q_model, _, observing in groups:
+            _attached(q_model, observing, stack)
         if streams < 2 or any(_one_forward_at_a_time(statistic) for statistic in observers):
             for batch in batches:
                 fp_hidden = _forward(fp_model, batch, fp_statistics)
-                _update_pair(statistics, batch, fp_model, fp_hidden, q_model, _forward(q_model, batch, q_statistics))
+                for q_model, pair, observing in groups:
+                    _update_pair(pair, batch, fp_model, fp_hidden, q_model, _forward(q_model, batch, observing))
                 del fp_hidden
+                release_freed_memory()
             return
 
         def work(batch: Batch) -> Callable[[], None]:
             fp = ModelState(fp_model, _observed_forward(fp_model, batch, fp_statistics))
-            q = ModelState(q_model, _observed_forward(q_model, batch, q_statistics))
-            single = [
-                (statistic, state, _reduce(statistic, state.model, batch, state.hidden))
-                for state, observing in ((fp, fp_statistics), (q, q_statistics))
-                for statistic in observing
-            ]
-            pair = [(statistic, _reduce_pair(statistic, batch, fp, q)) for statistic in statistics]
+            single = [(statistic, fp, _reduce(statistic, fp_model, batch, fp.hidden)) for statistic in fp_statistics]
+            pair = []
+            for q_model, pair_statistics, observing in groups:
+                q = ModelState(q_model, _observed_forward(q_model, batch, observing))
+                single += [(statistic, q, _reduce(statistic, q_model, batch, q.hidden)) for statistic in observing]
+                pair += [(statistic, q, _reduce_pair(statistic, batch, fp, q)) for statistic in pair_statistics]
 
             def add() -> None:  # in batch order, in the same order as the one-stream pass
                 for statistic, state, partial in single:
                     _add(statistic, state.model, batch, state.hidden, partial)
-                for statistic, partial in pair:
+                for statistic, q, partial in pair:
                     _add_pair(statistic, batch, fp, q, partial)
 
             return add
@@ -232,12 +262,10 @@ def _update_pair(
     q_model: torch.nn.Module,
     q_hidden: torch.Tensor,
 ) -> None:
-    """Feed one batch of both models to the pair statistics, then return the freed heap."""
+    """Feed one batch of both models to the pair statistics."""
     fp, q = ModelState(fp_model, fp_hidden), ModelState(q_model, q_hidden)
     for statistic in statistics:
         statistic.update(batch, fp, q)
-    del fp, q
-    release_freed_memory()
 
 
 _State = TypeVar("_State")
