@@ -338,3 +338,19 @@ def test_analysis_rules_run_without_torch_and_reproduce_their_outputs(tiny_run: 
     assert {p: p.read_bytes() for p in outputs} == before
     proc = run_snakemake(tiny_run, "-n", "--cores", "2")
     assert "Nothing to be done" in proc.stdout + proc.stderr
+
+
+def test_per_method_layout_writes_the_fused_runs_tables(tiny_run: Path, tmp_path: Path) -> None:
+    """passes.fuse_methods: false through the real workflow (score_fp, one compare_to_fp per method) in
+    a fresh folder: every model-pass table equals the fused run's (score_model)."""
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    config["passes"] = {"fuse_methods": False}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    files = ["residuals/smollm2-135m/fp_dims.arrow"] + [
+        f"{kind}/smollm2-135m/{method}.arrow" for kind in ("nll", "residuals") for method in ["fp", *config["methods"]]
+    ] + [f"{kind}/smollm2-135m/{method}.arrow" for kind in ("kl", "amplification") for method in config["methods"]]
+    run_snakemake(tmp_path, "--cores", "2", *(f"results/{name}" for name in files))
+    assert not (tmp_path / "benchmarks" / "score_model").exists()
+    assert len(list((tmp_path / "benchmarks" / "compare_to_fp").rglob("*.tsv"))) == len(config["methods"])
+    for name in files:
+        assert read_table(tmp_path / "results" / name).equals(read_table(tiny_run / "results" / name)), name
