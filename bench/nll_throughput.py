@@ -22,7 +22,11 @@ Paths, on the same examples:
   the score_fp job's pass (NLL and the residual statistics' hooks);
 - side-by-side FP + quantized pass (NLL, KL both ways, top-k KL): qbreak online vs the full-logit
   reference (`CompareStatistic(online=False)`), and the whole compare job (plus residual statistics
-  and amplification).
+  and amplification);
+- the fused model pass of the score_model job (`passes.fuse_methods: true`, the default run's): the
+  FP model once per batch (NLL, residual statistics) and two methods (RTN W3, W4) beside it (KL,
+  their residual statistics, amplification). Its FLOPs: the FP forward, the FP head once more (for
+  every method's KL at once), and per method the quantized forward and the amplification MLPs.
 NLLs and KLs of the fast paths must agree with the straightforward ones (printed).
 
 This machine shares its cores with other tenants, and a neighbour's burst slows one path and not
@@ -46,10 +50,10 @@ import numpy as np
 import torch
 
 from qbreak.io import EXAMPLES_SCHEMA, read_table
-from qbreak.kl import CompareStatistic
+from qbreak.kl import CompareStatistic, GroupCompareStatistic
 from qbreak.models import load_model
 from qbreak.nll import DEFAULT_VOCAB_BLOCK, NLLStatistic, block_buffer, block_view, chunk_slices, per_example_nll
-from qbreak.passes import iter_batches, run_pair_pass, run_pass
+from qbreak.passes import iter_batches, run_group_pass, run_pair_pass, run_pass
 from qbreak.quantize.base import replace_decoder_weights
 from qbreak.quantize.rtn import rtn_quantize_tensor
 from qbreak.residuals import AmplificationStatistic, ResidualStatistic
@@ -232,6 +236,23 @@ def side_by_side(
     return compare
 
 
+def fused_job(
+    fp: torch.nn.Module, quantized: list[torch.nn.Module], examples, batch_size: int, streams: int | None = None  # noqa: ANN001
+) -> list[CompareStatistic]:
+    """The score_model job's pass: the FP model once per batch (NLL, residual statistics), every
+    quantized model beside it (KL with the FP head once for all, its residual statistics, the
+    amplification); each method's KL statistic."""
+    names = [f"q{i}" for i in range(len(quantized))]
+    compare = GroupCompareStatistic("m", names)
+    run_group_pass(
+        fp, quantized, iter_batches(examples, batch_size), [[] for _ in names],
+        fp_statistics=[NLLStatistic("m", "fp"), ResidualStatistic("m", "fp"),
+                       *(AmplificationStatistic("m", name, q) for name, q in zip(names, quantized, strict=True))],
+        q_statistics=[[ResidualStatistic("m", name)] for name in names], streams=streams, group_statistics=[compare],
+    )
+    return list(compare.methods.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_arguments(parser, n_examples=64)
@@ -242,6 +263,7 @@ def main() -> None:
 
     model = load_model(Path(args.model))
     quantized = rtn_copy(model)  # a real RTN W3 model
+    methods = [quantized, rtn_copy(model, bits=4)]  # the fused pass's two methods
     examples = read_table(args.examples, EXAMPLES_SCHEMA).slice(0, args.n_examples)
     n_tokens = sum(len(r) for r in examples.column("input_ids").to_pylist())
     n_params, n_mlp = forward_params(model), mlp_params(model)
@@ -250,6 +272,8 @@ def main() -> None:
     peaks: list[float] = [matmul_peak()]
     b = args.batch_size
     pair = 4 * n_params
+    head = 2 * model.get_output_embeddings().weight.numel()
+    fused = 2 * n_params + head + len(methods) * (2 * n_params + 2 * n_mlp)
     paths: list[tuple[str, float, Callable[[], object]]] = [
         ("ceiling: the forward's matmuls alone", 2 * n_params, lambda: matmul_ceiling(model, examples, b)),
         ("ceiling, two 1-thread streams", 2 * n_params, lambda: matmul_ceiling_streams(model, examples, b)),
@@ -266,6 +290,8 @@ def main() -> None:
         ("compare job: + residuals, amplification", pair + 2 * n_mlp,
          lambda: side_by_side(model, quantized, examples, b, True, True)),
         ("compare job, one stream", pair + 2 * n_mlp, lambda: side_by_side(model, quantized, examples, b, True, True, 1)),
+        ("score_model job: FP + 2 methods fused", fused, lambda: fused_job(model, methods, examples, b)),
+        ("score_model job, one stream", fused, lambda: fused_job(model, methods, examples, b, 1)),
     ]
     if args.threads < 2:  # one thread: the passes run one stream, the default paths are those
         paths = [path for path in paths if "stream" not in path[0]]
@@ -303,7 +329,8 @@ def main() -> None:
               f"{by_name['NLL: qbreak, one stream'] / by_name['NLL: qbreak (online log-sum-exp)']:.2f}x, FP+Q pass "
               f"{by_name['FP+Q: qbreak, one stream'] / by_name['FP+Q: qbreak online KL']:.2f}x, score_fp job "
               f"{by_name['score_fp job, one stream'] / by_name['score_fp job: NLL + residual statistics']:.2f}x, compare job "
-              f"{by_name['compare job, one stream'] / by_name['compare job: + residuals, amplification']:.2f}x")
+              f"{by_name['compare job, one stream'] / by_name['compare job: + residuals, amplification']:.2f}x, score_model job "
+              f"{by_name['score_model job, one stream'] / by_name['score_model job: FP + 2 methods fused']:.2f}x")
         for name, other in (("NLL", "NLL: qbreak, one stream"), ("FP+Q", "FP+Q: qbreak, one stream")):
             one = results[other]
             many = results["NLL: qbreak (online log-sum-exp)" if name == "NLL" else "FP+Q: qbreak online KL"]
@@ -313,6 +340,10 @@ def main() -> None:
             print(f"max |Δ{column}| two streams vs one: {np.abs(one.column(column).to_numpy() - many.column(column).to_numpy()).max():.2e}")
         same = results["score_fp job, one stream"].result().equals(results["score_fp job: NLL + residual statistics"].result())
         print(f"score_fp residual statistics, two streams vs one: {'identical' if same else 'DIFFERENT'}")
+    fused_kl = results["score_model job: FP + 2 methods fused"][0].kl_table()
+    compare_kl = results["compare job: + residuals, amplification"].kl_table()
+    same = all(fused_kl.column(c).equals(compare_kl.column(c)) for c in ("example_id", "kl_fp_q", "kl_q_fp", "kl_fp_q_topk"))
+    print(f"score_model job's KL of RTN W3 vs the compare job's: {'identical' if same else 'DIFFERENT'}")
     print(f"FP+Q speed-up vs full-logit KL {by_name['FP+Q: full-logit KL reference'] / by_name['FP+Q: qbreak online KL']:.2f}x")
     for name in ("NLL: previous chunked path", "NLL: transformers + log_softmax"):
         print(f"max |ΔNLL| qbreak vs {name[5:]}: {np.abs(nll_fast - results[name]).max():.2e}")

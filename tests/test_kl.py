@@ -11,6 +11,7 @@ import torch
 
 from qbreak.errors import QbreakError
 from qbreak.kl import compare_to_fp, fp_topk_reference, score_against_reference, topk_kl
+from qbreak.passes import iter_batches
 from qbreak.nll import per_example_nll
 from tests.conftest import make_tiny_llama
 
@@ -142,3 +143,51 @@ def test_online_head_divergences_equal_the_full_logit_path() -> None:
         online = head_divergences(states_fp, head_fp, states_q, head_q, targets, topk=8, vocab_block=block)
         for name, value in full.items():
             torch.testing.assert_close(online[name].double(), value.double(), atol=2e-5, rtol=1e-5, msg=name)
+
+
+def test_group_head_divergences_equal_one_call_per_model() -> None:
+    """The FP head's blocks computed once for three quantized heads (one with a bias, one far off):
+    every model's values equal its own head_divergences call bit for bit."""
+    from qbreak.kl import group_head_divergences, head_divergences
+
+    g = torch.Generator().manual_seed(6)
+    head_fp = torch.nn.Linear(16, 203, bias=False)
+    with torch.no_grad():
+        head_fp.weight.copy_(3 * torch.randn(203, 16, generator=g))
+    states_fp = torch.randn(29, 16, generator=g)
+    quantized = []
+    for i, bias in enumerate((False, True, False)):
+        head = torch.nn.Linear(16, 203, bias=bias)
+        with torch.no_grad():
+            head.weight.copy_(head_fp.weight + 0.2 * (i + 1) * torch.randn(203, 16, generator=g))
+        quantized.append((states_fp + 0.1 * torch.randn(29, 16, generator=g), head))
+    targets = torch.randint(0, 203, (29,), generator=g)
+    for block in (5, 64, 4096):
+        group = group_head_divergences(states_fp, head_fp, quantized, targets, topk=8, vocab_block=block)
+        assert len(group) == 3
+        for (states_q, head_q), values in zip(quantized, group, strict=True):
+            alone = head_divergences(states_fp, head_fp, states_q, head_q, targets, topk=8, vocab_block=block)
+            for name, value in alone.items():
+                assert torch.equal(values[name], value), (block, name)
+        assert group[2]["kl_fp_q"].mean() > group[0]["kl_fp_q"].mean() > 0  # the further model is further
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        group_head_divergences(states_fp, head_fp, [(states_fp, torch.nn.Linear(16, 7))], targets, topk=8)
+
+
+def test_group_statistic_without_a_plain_head_takes_the_full_logit_path(
+    models: tuple[torch.nn.Module, torch.nn.Module],
+) -> None:
+    """A model whose logits are transformed after lm_head (here logit_scale) has no online head: the
+    group statistic scores each method from full logits, as CompareStatistic does."""
+    from qbreak.kl import GroupCompareStatistic
+    from qbreak.passes import run_group_pass
+
+    fp, q = models
+    scaled = copy.deepcopy(q)
+    scaled.config.logit_scale = 0.5  # has_plain_lm_head → False
+    examples = _examples(n=5)
+    group = GroupCompareStatistic("tiny", ["q", "scaled"], topk=8)
+    run_group_pass(fp, [q, scaled], iter_batches(examples, 2), [[], []], group_statistics=[group], streams=1)
+    for name, model in (("q", q), ("scaled", scaled)):
+        nll, kl = compare_to_fp(fp, model, examples, "tiny", name, batch_size=2, topk=8, streams=1)
+        assert group.methods[name].nll_table().equals(nll) and group.methods[name].kl_table().equals(kl)

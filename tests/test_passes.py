@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from qbreak.kl import CompareStatistic
+from qbreak.kl import CompareStatistic, GroupCompareStatistic
 from qbreak.lens import LogitLensStatistic
 from qbreak.nll import NLLStatistic, per_example_nll
 from qbreak.hooks import hooks
@@ -243,10 +243,11 @@ def test_group_pass_equals_one_pass_per_model(
 
     group_nll, group_residuals = NLLStatistic("tiny", "fp"), ResidualStatistic("tiny", "fp")
     per_q = [statistics("q1", q1), statistics("q2", q2)]
+    shared_head = GroupCompareStatistic("tiny", ["q1", "q2"], topk=8)  # the FP head once for both
     run_group_pass(
         fp, [q1, q2], iter_batches(examples, 2), [[compare] for compare, _, _ in per_q],
         fp_statistics=[group_nll, group_residuals, *(amplification for _, _, amplification in per_q)],
-        q_statistics=[[residuals] for _, residuals, _ in per_q], streams=streams,
+        q_statistics=[[residuals] for _, residuals, _ in per_q], streams=streams, group_statistics=[shared_head],
     )
     got = [group_nll.result(), group_residuals.result()]
     for compare, residuals, amplification in per_q:
@@ -254,6 +255,9 @@ def test_group_pass_equals_one_pass_per_model(
     assert len(got) == len(expected) == 10
     for one, group in zip(expected, got, strict=True):
         assert group.equals(one)
+    for i, name in enumerate(("q1", "q2")):
+        assert shared_head.methods[name].nll_table().equals(expected[2 + 4 * i])
+        assert shared_head.methods[name].kl_table().equals(expected[3 + 4 * i])
     assert got[2].column("nll").to_pylist() != got[6].column("nll").to_pylist()  # two different models
     assert torch.get_num_threads() == 2
 

@@ -154,10 +154,10 @@ def score_model_job(
     per-dimension |r| and γ; None skips them. quantized: method → model folder; outputs[method]
     (keys `METHOD_OUTPUTS`): the method's NLL, KL to FP (top-k KL with `topk`, default
     kl.DEFAULT_TOPK), residual statistics and the amplification of weight error in each MLP (the
-    quantized MLP on the FP MLP input). The tables equal those of
-    one FP pass and one side-by-side pass per method (`fp_pass_job`, `compare_job`).
+    quantized MLP on the FP MLP input). The FP model's forward and its head's vocabulary blocks
+    run once per batch for all the methods (`passes.run_group_pass`, `kl.GroupCompareStatistic`).
     """
-    from qbreak.kl import DEFAULT_TOPK, CompareStatistic
+    from qbreak.kl import DEFAULT_TOPK, GroupCompareStatistic
     from qbreak.models import load_model
     from qbreak.nll import NLLStatistic
     from qbreak.passes import iter_batches, run_group_pass
@@ -182,17 +182,18 @@ def score_model_job(
     q_models = {method: load(folder) for method, folder in quantized.items()}
     fp_nll, fp_residuals = NLLStatistic(model_name, "fp"), ResidualStatistic(model_name, "fp")
     fp_statistics: list[Any] = [fp_nll, fp_residuals] if fp_outputs is not None else []
-    compare = {m: CompareStatistic(model_name, m, DEFAULT_TOPK if topk is None else topk) for m in quantized}
+    compare = GroupCompareStatistic(model_name, list(quantized), DEFAULT_TOPK if topk is None else topk)
     residuals = {m: ResidualStatistic(model_name, m) for m in quantized}
     amplification = {m: AmplificationStatistic(model_name, m, q) for m, q in q_models.items()}
     start = time.perf_counter()
     run_group_pass(
-        fp, list(q_models.values()), iter_batches(table, batch_size, device), [[compare[m]] for m in quantized],
+        fp, list(q_models.values()), iter_batches(table, batch_size, device), [[] for _ in quantized],
         fp_statistics=[*fp_statistics, *amplification.values()], q_statistics=[[residuals[m]] for m in quantized],
+        group_statistics=[compare] if quantized else [],
     )
     seconds = time.perf_counter() - start
     nll = {"fp": fp_nll.result()} if fp_outputs is not None else {}
-    nll |= {m: compare[m].nll_table() for m in quantized}
+    nll |= {m: compare.methods[m].nll_table() for m in quantized}
     what = f" (FP and {len(quantized)} quantized side by side)" if quantized else " (NLL and residuals)"
     _log_speed(model_name, ",".join(nll), next(iter(nll.values())), seconds, what)
 
@@ -206,7 +207,7 @@ def score_model_job(
         write_table(dims, fp_outputs["dims"], DIMS_SCHEMA, meta("fp"))
     for method, files in outputs.items():
         write_table(nll[method], files["nll"], NLL_SCHEMA, meta(method))
-        write_table(compare[method].kl_table(), files["kl"], KL_SCHEMA, meta(method))
+        write_table(compare.methods[method].kl_table(), files["kl"], KL_SCHEMA, meta(method))
         write_table(residuals[method].result(), files["residuals"], RESIDUALS_SCHEMA, meta(method))
         write_table(amplification[method].result(), files["amplification"], AMPLIFICATION_SCHEMA, meta(method))
 

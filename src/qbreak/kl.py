@@ -15,7 +15,8 @@ merged into one outcome); it is exact when the tail carries no mass.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -95,52 +96,97 @@ def head_divergences(
     states_* [n, d_model] (final normed hidden states of the scored positions). Per block b of the
     vocabulary, with block log-sum-exps a_b and in-block softmax weights, Σ_v p_v (z_p − z_q)_v is
     Σ_b e^(a_b − A) Σ_{v∈b} softmax_b(z_p)_v (z_p − z_q)_v: a running log-sum-exp and a rescaled
-    running sum per model, and P's top k merged block by block. Only three [n, vocab_block]
-    buffers exist, reused for every block (fresh multi-MB tensors per block fault their pages in).
+    running sum per model, and P's top k merged block by block. `group_head_divergences` with one
+    quantized model.
+    """
+    return group_head_divergences(states_fp, head_fp, [(states_q, head_q)], targets, topk, vocab_block)[0]
+
+
+@torch.inference_mode()
+def group_head_divergences(
+    states_fp: torch.Tensor,
+    head_fp: torch.nn.Linear,
+    quantized: Sequence[tuple[torch.Tensor, torch.nn.Linear]],
+    targets: torch.Tensor,
+    topk: int,
+    vocab_block: int | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """`head_divergences` of the FP head against each (states_q, head_q) of `quantized`, with the FP
+    head's blocks computed once for all of them.
+
+    Per block: the FP logits, their in-block softmax, log-sum-exp and top-k merge once; then per
+    quantized model its logits, the difference, the two weighted sums and its log-sum-exp. Four
+    [n, vocab_block] buffers exist, reused for every block (fresh multi-MB tensors per block fault
+    their pages in). Each model's values equal those of its own `head_divergences` call.
     """
     _, vocab_block = head_sizes(states_fp.device, vocab_block=vocab_block)
     n, vocab = states_fp.shape[0], head_fp.weight.shape[0]
-    if head_q.weight.shape[0] != vocab:
-        raise ValueError(f"vocabularies differ: {vocab} (FP) vs {head_q.weight.shape[0]} (quantized)")
+    for _, head_q in quantized:
+        if head_q.weight.shape[0] != vocab:
+            raise ValueError(f"vocabularies differ: {vocab} (FP) vs {head_q.weight.shape[0]} (quantized)")
     k = min(topk, vocab)
     device = states_fp.device
-    buffers = [block_buffer(n, vocab, vocab_block, device) for _ in range(3)]
+    buffers = [block_buffer(n, vocab, vocab_block, device) for _ in range(4)]
     lse_fp = torch.full((n,), -torch.inf, dtype=torch.float64, device=device)
-    lse_q = lse_fp.clone()
-    mean_fp = torch.zeros(n, dtype=torch.float64, device=device)  # Σ p·(z_p − z_q) so far, over lse_fp
-    mean_q = torch.zeros(n, dtype=torch.float64, device=device)  # Σ q·(z_p − z_q) so far, over lse_q
-    target_q = torch.empty(n, dtype=torch.float32, device=device)
     top_fp = torch.empty(n, 0, dtype=torch.float32, device=device)  # P's top logits so far
-    top_q = top_fp.clone()  # Q's logits at those tokens
+    runs = [_Running.start(n, device) for _ in quantized]
     for block in chunk_slices(vocab, vocab_block):
-        logits_fp, logits_q, diff = (block_view(buffer, n, block.stop - block.start) for buffer in buffers)
+        logits_fp, softmax_fp, logits_q, diff = (block_view(buffer, n, block.stop - block.start) for buffer in buffers)
         head_logits_block(states_fp, head_fp.weight, head_fp.bias, block, out=logits_fp)  # [n, block]
-        head_logits_block(states_q, head_q.weight, head_q.bias, block, out=logits_q)
-        gather_block_targets(logits_q, targets, block, target_q)
         peak_fp = logits_fp.amax(dim=-1)
-        top_fp, top_q = _merge_topk(top_fp, top_q, logits_fp, logits_q, k, peak_fp)
-        torch.sub(logits_fp, logits_q, out=diff)
-        mean_fp, lse_fp = _merge_block(mean_fp, lse_fp, logits_fp, diff, peak_fp)  # overwrites the logits
-        mean_q, lse_q = _merge_block(mean_q, lse_q, logits_q, diff)
-    shift = lse_fp - lse_q
-    return {
-        "nll_q": lse_q - target_q.double(),
-        "kl_fp_q": (mean_fp - shift).clamp_min(0.0),
-        "kl_q_fp": (shift - mean_q).clamp_min(0.0),
-        "kl_fp_q_topk": topk_kl(top_fp - lse_fp[:, None], top_q - lse_q[:, None]),
-    }
+        top_fp, merge = _merge_topk(top_fp, logits_fp, k, peak_fp)
+        block_lse_fp = softmax_(logits_fp, peak_fp, out=softmax_fp)  # P's in-block softmax; its logits stay
+        merged_fp = torch.logaddexp(lse_fp, block_lse_fp)
+        for (states_q, head_q), run in zip(quantized, runs, strict=True):
+            head_logits_block(states_q, head_q.weight, head_q.bias, block, out=logits_q)
+            gather_block_targets(logits_q, targets, block, run.target_q)
+            run.top_q = merge(run.top_q, logits_q)
+            torch.sub(logits_fp, logits_q, out=diff)
+            run.mean_fp = _fold(run.mean_fp, lse_fp, _weighted_sum(softmax_fp, diff), block_lse_fp, merged_fp)
+            run.mean_q, run.lse_q = _merge_block(run.mean_q, run.lse_q, logits_q, diff)  # overwrites logits_q
+        lse_fp = merged_fp
+    return [run.divergences(lse_fp, top_fp) for run in runs]
+
+
+@dataclass
+class _Running:
+    """One quantized model's running sums in `group_head_divergences`."""
+
+    mean_fp: torch.Tensor  # Σ p·(z_p − z_q) so far, over the FP log-sum-exp, float64 [n]
+    mean_q: torch.Tensor  # Σ q·(z_p − z_q) so far, over lse_q
+    lse_q: torch.Tensor  # running log-sum-exp of its logits
+    target_q: torch.Tensor  # its target logits, float32 [n]
+    top_q: torch.Tensor  # its logits at P's top tokens so far, [n, ≤k]
+
+    @classmethod
+    def start(cls, n: int, device: torch.device) -> _Running:
+        zeros = torch.zeros(n, dtype=torch.float64, device=device)
+        return cls(
+            mean_fp=zeros, mean_q=zeros.clone(), lse_q=torch.full_like(zeros, -torch.inf),
+            target_q=torch.empty(n, dtype=torch.float32, device=device),
+            top_q=torch.empty(n, 0, dtype=torch.float32, device=device),
+        )
+
+    def divergences(self, lse_fp: torch.Tensor, top_fp: torch.Tensor) -> dict[str, torch.Tensor]:
+        """NLL of Q, KL both ways and the top-k KL per position, given the FP model's final values."""
+        shift = lse_fp - self.lse_q
+        return {
+            "nll_q": self.lse_q - self.target_q.double(),
+            "kl_fp_q": (self.mean_fp - shift).clamp_min(0.0),
+            "kl_q_fp": (shift - self.mean_q).clamp_min(0.0),
+            "kl_fp_q_topk": topk_kl(top_fp - lse_fp[:, None], self.top_q - self.lse_q[:, None]),
+        }
+
+
+_TopkMerge = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _merge_topk(
-    top_fp: torch.Tensor,
-    top_q: torch.Tensor,
-    logits_fp: torch.Tensor,
-    logits_q: torch.Tensor,
-    k: int,
-    peak_fp: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """P's k largest logits so far (sorted, [n, ≤k]) and Q's at those tokens, merged with one block
-    (`peak_fp` [n]: the block's row maxima of P's logits).
+    top_fp: torch.Tensor, logits_fp: torch.Tensor, k: int, peak_fp: torch.Tensor
+) -> tuple[torch.Tensor, _TopkMerge]:
+    """P's k largest logits so far (sorted, [n, ≤k]) merged with one block (`peak_fp` [n]: the
+    block's row maxima of P's logits), and the function that does the same to a quantized model's
+    logits at those tokens: `merge(top_q, logits_q)` → its new [n, ≤k] (logits_q: its block).
 
     Once a row holds k logits, only rows whose block maximum beats their k-th are merged: the
     vocabulary is roughly frequency-ordered, so after the first blocks few rows change.
@@ -148,21 +194,43 @@ def _merge_topk(
     if top_fp.shape[1] < k:  # still filling: every row takes the block's top
         values, index = logits_fp.topk(min(k, logits_fp.shape[1]), dim=-1)
         top_fp = torch.cat([top_fp, values], dim=1)
-        top_q = torch.cat([top_q, logits_q.gather(1, index)], dim=1)
+        keep = None
         if top_fp.shape[1] > k:
             top_fp, keep = top_fp.topk(k, dim=-1)
-            top_q = top_q.gather(1, keep)
-        return top_fp, top_q
+
+        def fill(top_q: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+            top_q = torch.cat([top_q, logits_q.gather(1, index)], dim=1)
+            return top_q if keep is None else top_q.gather(1, keep)
+
+        return top_fp, fill
     rows = (peak_fp > top_fp[:, -1]).nonzero().squeeze(1)
     if rows.numel() == 0:
-        return top_fp, top_q
+        return top_fp, lambda top_q, logits_q: top_q
     block_fp = logits_fp.index_select(0, rows)
     values, index = block_fp.topk(min(k, block_fp.shape[1]), dim=-1)
-    merged_fp = torch.cat([top_fp.index_select(0, rows), values], dim=1)
-    merged_q = torch.cat([top_q.index_select(0, rows), logits_q.index_select(0, rows).gather(1, index)], dim=1)
-    merged_fp, keep = merged_fp.topk(k, dim=-1)
-    top_fp[rows], top_q[rows] = merged_fp, merged_q.gather(1, keep)  # [n, k] tensors of this pass only
-    return top_fp, top_q
+    merged_fp, keep = torch.cat([top_fp.index_select(0, rows), values], dim=1).topk(k, dim=-1)
+    top_fp[rows] = merged_fp  # an [n, k] tensor of this pass only
+
+    def merge(top_q: torch.Tensor, logits_q: torch.Tensor) -> torch.Tensor:
+        merged_q = torch.cat([top_q.index_select(0, rows), logits_q.index_select(0, rows).gather(1, index)], dim=1)
+        top_q[rows] = merged_q.gather(1, keep)
+        return top_q
+
+    return top_fp, merge
+
+
+def _weighted_sum(softmax: torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+    """Σ_v softmax_v · diff_v per row, float64 [n] (softmax, diff [n, block])."""
+    # vecdot, not bmm: a batch of [1, block] · [block, 1] products ran 4x slower (one thread).
+    return torch.linalg.vecdot(softmax, diff).double()
+
+
+def _fold(
+    mean: torch.Tensor, lse: torch.Tensor, block_mean: torch.Tensor, block_lse: torch.Tensor, merged: torch.Tensor
+) -> torch.Tensor:
+    """A running softmax-weighted mean over lse (float64 [n]) with one block's (over block_lse),
+    over their merged log-sum-exp `merged` = logaddexp(lse, block_lse)."""
+    return mean * torch.exp(lse - merged) + block_mean * torch.exp(block_lse - merged)
 
 
 def _merge_block(
@@ -176,10 +244,8 @@ def _merge_block(
     float32 running sums lost ~1e-4 nats per token to it.
     """
     block_lse = softmax_(logits, peak)  # logits now hold the block's softmax
-    # vecdot, not bmm: a batch of [1, block] · [block, 1] products ran 4x slower (one thread).
-    block_mean = torch.linalg.vecdot(logits, diff).double()
     merged = torch.logaddexp(lse, block_lse)
-    return mean * torch.exp(lse - merged) + block_mean * torch.exp(block_lse - merged), merged
+    return _fold(mean, lse, _weighted_sum(logits, diff), block_lse, merged), merged
 
 
 class _PerExampleSums:
@@ -216,10 +282,54 @@ def _concat(parts: Sequence[np.ndarray], dtype: type) -> np.ndarray:
     return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
 
+_VALUES = ("nll_q", "kl_fp_q", "kl_q_fp", "kl_fp_q_topk")
+
+
+def _divergence_values(
+    batch: Batch, fp: ModelState, qs: Sequence[ModelState], topk: int, chunk_tokens: int | None,
+    vocab_block: int | None, online: bool,
+) -> tuple[ScoredPositions, list[dict[str, torch.Tensor]]]:
+    """Per scored position, each quantized model's NLL and its divergences from FP (`_VALUES`,
+    float64 [n] each): online over the vocabulary for the quantized models that, like the FP model,
+    have a plain lm_head (the FP head's blocks once for all of them), else (or with online=False,
+    the straightforward reference) from full logits, one quantized model at a time."""
+    positions = ScoredPositions.of(batch)
+    n = positions.targets.shape[0]
+    values = [{name: torch.empty(n, dtype=torch.float64, device=fp.hidden.device) for name in _VALUES} for _ in qs]
+
+    def store(i: int, part: slice, divergences: Mapping[str, torch.Tensor]) -> None:
+        for name, value in divergences.items():
+            values[i][name][part] = value.double()
+
+    plain = online and has_plain_lm_head(fp.model)
+    heads = [i for i, q in enumerate(qs) if plain and has_plain_lm_head(q.model)]
+    if heads:
+        head_fp = fp.model.get_output_embeddings()
+        states_fp = positions.states(fp.hidden)
+        quantized = [(positions.states(qs[i].hidden), qs[i].model.get_output_embeddings()) for i in heads]
+        chunk_tokens, _ = head_sizes(states_fp.device, chunk_tokens)
+        for part in chunk_slices(n, chunk_tokens):
+            chunk = [(states[part], head) for states, head in quantized]
+            divergences = group_head_divergences(
+                states_fp[part], head_fp, chunk, positions.targets[part], topk, vocab_block
+            )
+            for i, divergence in zip(heads, divergences, strict=True):
+                store(i, part, divergence)
+    for i, q in enumerate(qs):
+        if i in heads:
+            continue
+        chunks = zip(
+            logit_chunks(fp.model, batch, fp.hidden, positions, chunk_tokens),
+            logit_chunks(q.model, batch, q.hidden, positions, chunk_tokens),
+            strict=True,
+        )
+        for (part, logits_fp), (_, logits_q) in chunks:
+            store(i, part, token_divergences(logits_fp, logits_q, positions.targets[part], topk))
+    return positions, values
+
+
 class CompareStatistic:
     """NLL of the quantized model and its KL to FP, per example, from one side-by-side pass."""
-
-    _VALUES = ("nll_q", "kl_fp_q", "kl_q_fp", "kl_fp_q_topk")
 
     def __init__(
         self, model_name: str, method: str, topk: int = DEFAULT_TOPK, chunk_tokens: int | None = None,
@@ -229,47 +339,21 @@ class CompareStatistic:
             raise QbreakError(f"config key kl.topk: must be ≥ 1, got {topk}")
         self.model_name, self.method, self.topk, self.chunk_tokens = model_name, method, topk, chunk_tokens
         self.vocab_block, self.online = vocab_block, online
-        self._sums = _PerExampleSums(self._VALUES)
+        self._sums = _PerExampleSums(_VALUES)
 
     def update(self, batch: Batch, fp: ModelState, q: ModelState) -> None:
         self.add(batch, self.reduce(batch, fp, q))
 
     def reduce(self, batch: Batch, fp: ModelState, q: ModelState) -> tuple[ScoredPositions, dict[str, torch.Tensor]]:
         """The batch's per-position values (the head's work; no state touched, streams run it at once)."""
-        positions = ScoredPositions.of(batch)
-        n = positions.targets.shape[0]
-        values = {name: torch.empty(n, dtype=torch.float64, device=fp.hidden.device) for name in self._VALUES}
-        for part, divergences in self._chunks(batch, fp, q, positions):
-            for name, value in divergences.items():
-                values[name][part] = value.double()
+        positions, (values,) = _divergence_values(
+            batch, fp, [q], self.topk, self.chunk_tokens, self.vocab_block, self.online
+        )
         return positions, values
 
     def add(self, batch: Batch, partial: tuple[ScoredPositions, dict[str, torch.Tensor]]) -> None:
         """Accumulate a batch's values (in batch order)."""
         self._sums.add(batch, *partial)
-
-    def _chunks(
-        self, batch: Batch, fp: ModelState, q: ModelState, positions: ScoredPositions
-    ) -> Iterator[tuple[slice, dict[str, torch.Tensor]]]:
-        """Per chunk of scored positions, the divergences: online over the vocabulary when both models
-        have a plain lm_head, else (or with online=False, the straightforward reference) from full logits."""
-        if self.online and has_plain_lm_head(fp.model) and has_plain_lm_head(q.model):
-            head_fp, head_q = fp.model.get_output_embeddings(), q.model.get_output_embeddings()
-            states_fp, states_q = positions.states(fp.hidden), positions.states(q.hidden)
-            chunk_tokens, _ = head_sizes(states_fp.device, self.chunk_tokens)
-            for part in chunk_slices(states_fp.shape[0], chunk_tokens):
-                yield part, head_divergences(
-                    states_fp[part], head_fp, states_q[part], head_q, positions.targets[part], self.topk,
-                    self.vocab_block,
-                )
-            return
-        chunks = zip(
-            logit_chunks(fp.model, batch, fp.hidden, positions, self.chunk_tokens),
-            logit_chunks(q.model, batch, q.hidden, positions, self.chunk_tokens),
-            strict=True,
-        )
-        for (part, logits_fp), (_, logits_q) in chunks:
-            yield part, token_divergences(logits_fp, logits_q, positions.targets[part], self.topk)
 
     def nll_table(self) -> pa.Table:
         """The quantized model's per-example NLL (io.NLL_SCHEMA)."""
@@ -282,6 +366,37 @@ class CompareStatistic:
         extra = {name: cols[name] for name in ("kl_fp_q", "kl_q_fp", "kl_fp_q_topk")}
         extra["topk"] = np.full(len(cols["example_id"]), self.topk, dtype=np.int32)
         return _table(cols, self.model_name, self.method, extra, KL_SCHEMA)
+
+
+class GroupCompareStatistic:
+    """`CompareStatistic` of several quantized models against one FP model in a group pass
+    (`passes.run_group_pass`'s group statistics): the FP head's vocabulary blocks are computed once
+    per batch for all of them (`group_head_divergences`). `methods[name]` holds each method's
+    tables (`nll_table`, `kl_table`), equal to those of its own side-by-side pass."""
+
+    def __init__(
+        self, model_name: str, methods: Sequence[str], topk: int = DEFAULT_TOPK, chunk_tokens: int | None = None,
+        vocab_block: int | None = None,
+    ) -> None:
+        self.methods = {method: CompareStatistic(model_name, method, topk, chunk_tokens, vocab_block) for method in methods}
+        self.topk, self.chunk_tokens, self.vocab_block = topk, chunk_tokens, vocab_block
+
+    def update(self, batch: Batch, fp: ModelState, qs: Sequence[ModelState]) -> None:
+        self.add(batch, self.reduce(batch, fp, qs))
+
+    def reduce(
+        self, batch: Batch, fp: ModelState, qs: Sequence[ModelState]
+    ) -> list[tuple[ScoredPositions, dict[str, torch.Tensor]]]:
+        """Each method's per-position values of the batch (`qs` in the order of `methods`)."""
+        if len(qs) != len(self.methods):
+            raise ValueError(f"{len(self.methods)} methods, {len(qs)} quantized models")
+        positions, values = _divergence_values(batch, fp, qs, self.topk, self.chunk_tokens, self.vocab_block, True)
+        return [(positions, method_values) for method_values in values]
+
+    def add(self, batch: Batch, partial: list[tuple[ScoredPositions, dict[str, torch.Tensor]]]) -> None:
+        """Accumulate a batch's values (in batch order)."""
+        for statistic, method_partial in zip(self.methods.values(), partial, strict=True):
+            statistic.add(batch, method_partial)
 
 
 def _table(

@@ -104,8 +104,9 @@ def block_view(buffer: torch.Tensor, n: int, width: int) -> torch.Tensor:
     return buffer[: n * width].view(n, width)
 
 
-def softmax_(logits: torch.Tensor, peak: torch.Tensor | None = None) -> torch.Tensor:
-    """Overwrite `logits` [n, m] with their row-wise softmax; return the rows' log-sum-exp, float64 [n].
+def softmax_(logits: torch.Tensor, peak: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Overwrite `logits` [n, m] (or write `out`) with their row-wise softmax; return the rows'
+    log-sum-exp, float64 [n].
 
     `peak` is the rows' maximum if the caller has it. torch's softmax is one fused kernel that
     takes a row's max, exp and sum while the row is in cache; the separate amax, subtract, exp and
@@ -114,8 +115,9 @@ def softmax_(logits: torch.Tensor, peak: torch.Tensor | None = None) -> torch.Te
     one cheap pass more. For the online KL, which weighs each block's logit differences with it.
     """
     peak = logits.amax(dim=-1) if peak is None else peak
-    torch.softmax(logits, dim=-1, out=logits)
-    return peak.double() - logits.amax(dim=-1).double().log()
+    out = logits if out is None else out
+    torch.softmax(logits, dim=-1, out=out)
+    return peak.double() - out.amax(dim=-1).double().log()
 
 
 def logsumexp_(logits: torch.Tensor) -> torch.Tensor:

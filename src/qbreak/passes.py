@@ -105,6 +105,15 @@ class PairStatistic(Protocol):
         """Consume one batch, run through both models."""
 
 
+class GroupStatistic(Protocol):
+    """A per-example statistic that compares the FP model with every quantized model of a group pass
+    on the same batch (e.g. one FP head for all their KLs). As a PairStatistic, it may split
+    `update` into `reduce(batch, fp, qs)` and `add(batch, partial)`."""
+
+    def update(self, batch: Batch, fp: ModelState, qs: Sequence[ModelState]) -> None:
+        """Consume one batch, run through the FP model and every quantized model (in pass order)."""
+
+
 def _attached(model: torch.nn.Module, statistics: Sequence[Statistic], stack: contextlib.ExitStack) -> None:
     """Enter the hook contexts of the statistics that observe the model from inside."""
     for statistic in statistics:
@@ -186,12 +195,14 @@ def run_group_pass(
     fp_statistics: Sequence[Statistic] = (),
     q_statistics: Sequence[Sequence[Statistic]] | None = None,
     streams: int | None = None,
+    group_statistics: Sequence[GroupStatistic] = (),
 ) -> None:
     """Run the FP model once per batch and every quantized model beside it; feed every statistic.
 
-    `statistics[i]` compare the FP model with `q_models[i]` (`PairStatistic`), `q_statistics[i]`
-    observe `q_models[i]` alone and `fp_statistics` the FP model, as in `run_pass`. The FP forward
-    is shared: M methods cost one FP and M quantized forwards, where M side-by-side passes cost 2M.
+    `statistics[i]` compare the FP model with `q_models[i]` (`PairStatistic`), `group_statistics`
+    with all of them at once (`GroupStatistic`), `q_statistics[i]` observe `q_models[i]` alone and
+    `fp_statistics` the FP model, as in `run_pass`. The FP forward is shared: M methods cost one FP
+    and M quantized forwards, where M side-by-side passes cost 2M.
     With 2 streams (`default_streams`) each stream takes its own batches through all the models
     and the statistics' `reduce` (the KL head), and the statistics consume the batches in order,
     as in `run_pass`; hooked observers must keep their state per forward (`stream_safe`), else the
@@ -213,59 +224,59 @@ def run_group_pass(
             _attached(q_model, observing, stack)
         if streams < 2 or any(_one_forward_at_a_time(statistic) for statistic in observers):
             for batch in batches:
-                fp_hidden = _forward(fp_model, batch, fp_statistics)
-                for q_model, pair, observing in groups:
-                    _update_pair(pair, batch, fp_model, fp_hidden, q_model, _forward(q_model, batch, observing))
-                del fp_hidden
+                fp = ModelState(fp_model, _forward(fp_model, batch, fp_statistics))
+                qs = [ModelState(q_model, _forward(q_model, batch, observing)) for q_model, _, observing in groups]
+                for (_, pair, _), q in zip(groups, qs, strict=True):
+                    for statistic in pair:
+                        statistic.update(batch, fp, q)
+                for group_statistic in group_statistics:
+                    group_statistic.update(batch, fp, qs)
+                del fp, qs
                 release_freed_memory()
             return
 
         def work(batch: Batch) -> Callable[[], None]:
             fp = ModelState(fp_model, _observed_forward(fp_model, batch, fp_statistics))
             single = [(statistic, fp, _reduce(statistic, fp_model, batch, fp.hidden)) for statistic in fp_statistics]
-            pair = []
+            pair, qs = [], []
             for q_model, pair_statistics, observing in groups:
                 q = ModelState(q_model, _observed_forward(q_model, batch, observing))
                 single += [(statistic, q, _reduce(statistic, q_model, batch, q.hidden)) for statistic in observing]
                 pair += [(statistic, q, _reduce_pair(statistic, batch, fp, q)) for statistic in pair_statistics]
+                qs.append(q)
+            group = [(statistic, _reduce_pair(statistic, batch, fp, qs)) for statistic in group_statistics]
 
             def add() -> None:  # in batch order, in the same order as the one-stream pass
                 for statistic, state, partial in single:
                     _add(statistic, state.model, batch, state.hidden, partial)
                 for statistic, q, partial in pair:
                     _add_pair(statistic, batch, fp, q, partial)
+                for statistic, partial in group:
+                    _add_pair(statistic, batch, fp, qs, partial)
 
             return add
 
         _run_streams(batches, work, stack.enter_context(stream_pool(2)), 2)
 
 
-def _reduce_pair(statistic: PairStatistic, batch: Batch, fp: ModelState, q: ModelState) -> object | None:
-    """The pair statistic's partial result of a batch if it splits `update` (see PairStatistic), else None."""
+def _reduce_pair(
+    statistic: PairStatistic | GroupStatistic, batch: Batch, fp: ModelState, q: ModelState | Sequence[ModelState]
+) -> object | None:
+    """The pair (or group) statistic's partial result of a batch if it splits `update` (see
+    PairStatistic; `q`: the quantized model's state, or all of them for a GroupStatistic), else None."""
     reduce = getattr(statistic, "reduce", None)
     return None if reduce is None else reduce(batch, fp, q)
 
 
-def _add_pair(statistic: PairStatistic, batch: Batch, fp: ModelState, q: ModelState, partial: object | None) -> None:
-    """Consume a batch of both models: `add` its partial result (from `_reduce_pair`), or `update` if it has none."""
+def _add_pair(
+    statistic: PairStatistic | GroupStatistic, batch: Batch, fp: ModelState, q: ModelState | Sequence[ModelState],
+    partial: object | None,
+) -> None:
+    """Consume a batch of the models: `add` its partial result (from `_reduce_pair`), or `update` if it has none."""
     if partial is None:
         statistic.update(batch, fp, q)
     else:
         statistic.add(batch, partial)  # type: ignore[attr-defined]
-
-
-def _update_pair(
-    statistics: Sequence[PairStatistic],
-    batch: Batch,
-    fp_model: torch.nn.Module,
-    fp_hidden: torch.Tensor,
-    q_model: torch.nn.Module,
-    q_hidden: torch.Tensor,
-) -> None:
-    """Feed one batch of both models to the pair statistics."""
-    fp, q = ModelState(fp_model, fp_hidden), ModelState(q_model, q_hidden)
-    for statistic in statistics:
-        statistic.update(batch, fp, q)
 
 
 _State = TypeVar("_State")
