@@ -11,7 +11,8 @@ measures on) and its real RTN W3 copy are saved as safetensors folders; the real
 the device in the given dtype and on the CPU in float32, and the library functions behind the
 lens, restore and patching jobs run on the device. Checks (exit status 1 if any fails):
 - device vs CPU float32: FP NLL and quantized NLL within `--tolerance` nats (bf16 rounding);
-- on the device: KL ≥ 0; a model compared with itself has KL 0 and its own NLL; unpatched = the
+- on the device: KL ≥ 0; a model compared with itself has KL 0 and its own NLL; the fused model
+  pass (`jobs.score_model_job`) gives the per-method jobs' NLLs and KLs; unpatched = the
   quantized NLL; the residual patched at every layer = FP (the paper's patch-all identity); the
   logit lens at the last layer = FP; every layer restored = FP.
 """
@@ -33,7 +34,7 @@ from gpu_passes import build_model  # noqa: E402
 from nll_throughput import rtn_copy  # noqa: E402
 
 from qbreak.io import EXAMPLES_SCHEMA, KL_SCHEMA, NLL_SCHEMA, read_table, write_table  # noqa: E402
-from qbreak.jobs import compare_job, fp_pass_job  # noqa: E402
+from qbreak.jobs import FP_OUTPUTS, METHOD_OUTPUTS, compare_job, fp_pass_job, score_model_job  # noqa: E402
 from qbreak.lens import logit_lens, restore_table  # noqa: E402
 from qbreak.models import load_model  # noqa: E402
 from qbreak.patching import Patch, patching_table  # noqa: E402
@@ -68,6 +69,23 @@ def run_jobs(root: Path, tag: str, runtime: dict[str, object]) -> dict[str, np.n
         compare_job("m", method, str(root / "fp"), str(q_dir), str(root / "examples.arrow"),
                     str(out / f"{method}_nll.arrow"), str(out / f"{method}_kl.arrow"), str(out / f"{method}_res.arrow"),
                     str(out / f"{method}_amp.arrow"), runtime, topk=32)
+    return _columns(out)
+
+
+def run_fused(root: Path, tag: str, runtime: dict[str, object]) -> dict[str, np.ndarray]:
+    """score_model_job (passes.fuse_methods: the FP model once per batch, RTN and FP itself beside
+    it, one FP head for both KLs) into root/tag; the same columns as `run_jobs`."""
+    out = root / tag
+    score_model_job(
+        "m", str(root / "fp"), str(root / "examples.arrow"), runtime, topk=32,
+        fp_outputs={name: str(out / f"fp_{name}.arrow") for name in FP_OUTPUTS},
+        quantized={"rtn": str(root / "q"), "self": str(root / "fp")},
+        outputs={m: {name: str(out / f"{m}_{name}.arrow") for name in METHOD_OUTPUTS} for m in ("rtn", "self")},
+    )
+    return _columns(out)
+
+
+def _columns(out: Path) -> dict[str, np.ndarray]:
     columns = {"fp": read_table(out / "fp_nll.arrow", NLL_SCHEMA).column("nll").to_numpy()}
     for method in ("rtn", "self"):
         columns[f"{method}_nll"] = read_table(out / f"{method}_nll.arrow", NLL_SCHEMA).column("nll").to_numpy()
@@ -106,6 +124,10 @@ def main() -> None:
         check("a model against itself: KL 0", self_kl <= 1e-6, f"max {self_kl:.2e}")
         diff = np.abs(dev["self_nll"] - dev["fp"]).max()
         check("a model against itself: its own NLL", diff <= 1e-5, f"max |Δ| {diff:.2e}")
+        fused = run_fused(root, "fused", {"device": args.device, "dtype": args.dtype, "batch_size": 8})
+        diff = max(np.abs(fused[name] - dev[name]).max() for name in dev)
+        check("fused model pass = FP job + one compare job per method", diff <= 1e-5,
+              f"max |Δ| {diff:.2e} over {len(dev)} columns")
 
         dtype = getattr(torch, args.dtype)
         fp_dev = load_model(root / "fp", dtype=dtype, device=args.device)
