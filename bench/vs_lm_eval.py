@@ -39,19 +39,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lm_eval_adapter import lm_eval_nll  # noqa: E402
 from nll_throughput import (  # noqa: E402
     forward_params,
+    fp_job,
     fused_job,
     matmul_ceiling,
     matmul_ceiling_streams,
     mlp_params,
     model_arguments,
     rtn_copy,
+    side_by_side,
 )
 
 from qbreak.io import EXAMPLES_SCHEMA, read_table  # noqa: E402
-from qbreak.kl import CompareStatistic  # noqa: E402
 from qbreak.models import load_model, load_tokenizer  # noqa: E402
-from qbreak.nll import NLLStatistic, per_example_nll  # noqa: E402
-from qbreak.passes import iter_batches, run_pair_pass, run_pass  # noqa: E402
+from qbreak.nll import per_example_nll  # noqa: E402
+from qbreak.passes import iter_batches, run_pass  # noqa: E402
 from qbreak.residuals import AmplificationStatistic, ResidualStatistic  # noqa: E402
 from qbreak.runtime import configure  # noqa: E402
 
@@ -73,12 +74,9 @@ def fused_analysis(fp, quantized, examples, batch_size: int) -> tuple[int, float
 def per_method_analysis(fp, quantized, examples, batch_size: int) -> tuple[int, float]:  # noqa: ANN001
     """qbreak with passes.fuse_methods: false: FP once (NLL + residuals), then FP + each method side by side."""
     start = time.perf_counter()
-    run_pass(fp, iter_batches(examples, batch_size), [NLLStatistic("m", "fp"), ResidualStatistic("m", "fp")])
+    fp_job(fp, examples, batch_size)
     for q in quantized:
-        run_pair_pass(
-            fp, q, iter_batches(examples, batch_size), [CompareStatistic("m", "q")],
-            fp_statistics=[AmplificationStatistic("m", "q", q)], q_statistics=[ResidualStatistic("m", "q")],
-        )
+        side_by_side(fp, q, examples, batch_size, online=True, full_job=True)
     return 1 + 2 * len(quantized), time.perf_counter() - start
 
 
@@ -91,7 +89,7 @@ def staged_analysis(fp, quantized, tokenizer, rows, examples, batch_size: int) -
         lm_eval_nll(model, tokenizer, rows, batch_size)
         run_pass(model, iter_batches(examples, batch_size), [ResidualStatistic("m", "x")])
     for q in quantized:
-        run_pair_pass(fp, q, iter_batches(examples, batch_size), [CompareStatistic("m", "q")])
+        side_by_side(fp, q, examples, batch_size, online=True, full_job=False)
         run_pass(fp, iter_batches(examples, batch_size), [AmplificationStatistic("m", "q", q)])
     forwards = 2 * (1 + len(quantized)) + 3 * len(quantized)
     return forwards, time.perf_counter() - start

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pytest
-import torch
 
 from qbreak.io import EXAMPLES_SCHEMA, read_table, write_table
 from qbreak.jobs import FP_OUTPUTS, METHOD_OUTPUTS, compare_job, fp_pass_job, score_model_job
 from tests.conftest import make_tiny_llama, perturbed_copy
+from tests.test_nll import examples_table, random_rows
 
 RUNTIME = {"device": "cpu", "dtype": "float32", "batch_size": 3}
 
@@ -24,15 +22,7 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     fp.save_pretrained(root / "fp")
     perturbed_copy(fp, scale=0.1, seed=4).save_pretrained(root / "a")
     perturbed_copy(fp, scale=0.3, seed=5).save_pretrained(root / "b")
-    g = torch.Generator().manual_seed(0)
-    rows = [torch.randint(1, 512, (int(n),), generator=g).tolist() for n in torch.randint(5, 19, (8,), generator=g)]
-    examples = pa.table(
-        {
-            "example_id": np.arange(8, dtype=np.int32), "doc_id": [str(i) for i in range(8)], "topic": [None] * 8,
-            "input_ids": rows, "n_tokens": [len(r) for r in rows], "text": [""] * 8,
-        },
-        schema=EXAMPLES_SCHEMA,
-    )
+    examples = examples_table(random_rows(8, 512, [5, 18, 11, 14], seed=0))  # ragged: padding
     write_table(examples, root / "examples.arrow", EXAMPLES_SCHEMA)
     return root
 
