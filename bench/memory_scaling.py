@@ -4,7 +4,9 @@ No stage stores full activations or full-vocabulary logits for the corpus: per b
 activations to per-example numbers, and logits exist one block at a time. So a stage's peak RSS
 should not grow with the number of examples (goal: ratio ≤ 1.2). Each stage runs its real job
 function (`qbreak.jobs`) in a fresh process; the child's peak RSS (`resource.getrusage`) is read,
-and the wall seconds of the whole process (imports and model loading included) are printed.
+and the wall seconds of the whole process (imports and model loading included) are printed. So is
+its peak virtual size (`VmPeak`, Linux): a heap that fragments grows its address range with every
+batch even while trimming keeps the RSS flat (see qbreak/columns.py), and that shows here first.
 
     .venv/bin/python bench/memory_scaling.py --n 16 --threads 2
 """
@@ -52,7 +54,9 @@ def child(stage: str, work: Path, fp: str, q: str, examples: str, selection: str
     elif stage == "patch_activations":
         settings = {"sites": ["attn", "down", "resid"], "sweep_layers": [20], "weight_sites": ["gate_weights"]}
         jobs.patch_job("m", "q", "rtn", fp, q, examples, selection, str(out / "patch.arrow"), RUNTIME, settings)
-    print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    vm_peak = int(status["VmPeak"].split()[0]) / 1024 if "VmPeak" in status else float("nan")
+    print(json.dumps({"max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "vm_peak_mb": vm_peak}))
 
 
 def subset(examples: str, n: int, dest: Path) -> tuple[str, str]:
@@ -106,9 +110,9 @@ def main() -> None:
         sizes = (args.n, 8 * args.n)
         files = {n: subset(args.examples, n, work) for n in sizes}
         print(f"peak RSS per stage (MB), {sizes[0]} vs {sizes[1]} examples of the bundled model, threads {args.threads}")
-        print(f"{'stage':<20}{sizes[0]:>10}{sizes[1]:>10}{'ratio':>8}{'seconds':>16}")
+        print(f"{'stage':<20}{sizes[0]:>10}{sizes[1]:>10}{'ratio':>8}{'seconds':>16}{'VmPeak':>20}{'ratio':>8}")
         for stage in args.stages:
-            peaks, seconds = [], []
+            peaks, virtual, seconds = [], [], []
             for n in sizes:
                 start = time.perf_counter()
                 examples, selection = files[n]
@@ -116,10 +120,12 @@ def main() -> None:
                 done = subprocess.run(command, capture_output=True, text=True, check=False)
                 if done.returncode != 0:
                     raise SystemExit(f"{stage} with {n} examples failed:\n{done.stderr[-3000:]}")
-                peaks.append(json.loads(done.stdout.strip().splitlines()[-1])["max_rss_mb"])
+                measured = json.loads(done.stdout.strip().splitlines()[-1])
+                peaks.append(measured["max_rss_mb"])
+                virtual.append(measured["vm_peak_mb"])
                 seconds.append(time.perf_counter() - start)
             print(f"{stage:<20}{peaks[0]:>10.0f}{peaks[1]:>10.0f}{peaks[1] / peaks[0]:>8.2f}"
-                  f"{seconds[0]:>8.1f}{seconds[1]:>8.1f}")
+                  f"{seconds[0]:>8.1f}{seconds[1]:>8.1f}{virtual[0]:>10.0f}{virtual[1]:>10.0f}{virtual[1] / virtual[0]:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from qbreak.columns import Columns
 from qbreak.errors import QbreakError
 from qbreak.io import KL_SCHEMA, NLL_SCHEMA, TOPK_SCHEMA
 from qbreak.nll import (
@@ -253,33 +254,26 @@ class _PerExampleSums:
 
     def __init__(self, names: Sequence[str]) -> None:
         self.names = list(names)
-        self.ids: list[np.ndarray] = []
-        self.lengths: list[np.ndarray] = []
-        self.scored: list[np.ndarray] = []
-        self.sums: dict[str, list[np.ndarray]] = {name: [] for name in self.names}
+        self._rows = Columns(
+            example_id=np.int32, n_tokens=np.int32, n_scored=np.int32, **{name: np.float64 for name in self.names}
+        )
 
     def add(self, batch: Batch, positions: ScoredPositions, values: Mapping[str, torch.Tensor]) -> None:
-        self.ids.append(batch.example_ids.cpu().numpy())
-        self.lengths.append(batch.lengths.cpu().numpy())
-        self.scored.append(positions.mask.sum(dim=1).cpu().numpy())
-        for name in self.names:
-            self.sums[name].append(positions.per_example_sum(values[name]).cpu().numpy())
+        row = {
+            "example_id": batch.example_ids.cpu().numpy(),
+            "n_tokens": batch.lengths.cpu().numpy(),
+            "n_scored": positions.mask.sum(dim=1).cpu().numpy(),
+        }
+        row |= {name: positions.per_example_sum(values[name]).cpu().numpy() for name in self.names}
+        self._rows.append(len(row["example_id"]), row)
 
     def columns(self) -> dict[str, np.ndarray]:
         """example_id, n_tokens, n_scored and the per-example mean of every value."""
-        scored = _concat(self.scored, np.int32)
-        out = {
-            "example_id": _concat(self.ids, np.int32),
-            "n_tokens": _concat(self.lengths, np.int32),
-            "n_scored": scored,
-        }
+        scored = self._rows["n_scored"]
+        out = {name: self._rows[name] for name in ("example_id", "n_tokens", "n_scored")}
         for name in self.names:
-            out[name] = _concat(self.sums[name], np.float64) / np.maximum(scored, 1)
+            out[name] = self._rows[name] / np.maximum(scored, 1)
         return out
-
-
-def _concat(parts: Sequence[np.ndarray], dtype: type) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
 
 _VALUES = ("nll_q", "kl_fp_q", "kl_q_fp", "kl_fp_q_topk")

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from qbreak.columns import Columns
 from qbreak.io import NLL_SCHEMA
 from qbreak.passes import Batch, iter_batches, run_pass
 
@@ -249,10 +250,7 @@ class NLLStatistic:
         self.model_name = model_name
         self.method = method
         self.chunk_tokens, self.vocab_block = chunk_tokens, vocab_block
-        self._ids: list[np.ndarray] = []
-        self._sums: list[np.ndarray] = []
-        self._scored: list[np.ndarray] = []
-        self._lengths: list[np.ndarray] = []
+        self._rows = Columns(example_id=np.int32, sum=np.float64, n_scored=np.int32, n_tokens=np.int32)
 
     def update(self, model: torch.nn.Module, batch: Batch, hidden: torch.Tensor) -> None:
         self.add(batch, self.reduce(model, batch, hidden))
@@ -264,29 +262,24 @@ class NLLStatistic:
     def add(self, batch: Batch, partial: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Append one batch's `reduce` result (batches in table order)."""
         sums, scored = partial
-        self._ids.append(batch.example_ids.cpu().numpy())
-        self._sums.append(sums.cpu().numpy())
-        self._scored.append(scored.cpu().numpy())
-        self._lengths.append(batch.lengths.cpu().numpy())
+        self._rows.append(len(sums), {
+            "example_id": batch.example_ids.cpu().numpy(), "sum": sums.cpu().numpy(),
+            "n_scored": scored.cpu().numpy(), "n_tokens": batch.lengths.cpu().numpy(),
+        })
 
     def result(self) -> pa.Table:
-        n = int(sum(len(i) for i in self._ids))
-        sums, scored = _concat(self._sums, np.float64), _concat(self._scored, np.int32)
+        n, scored = len(self._rows), self._rows["n_scored"]
         return pa.table(
             {
-                "example_id": _concat(self._ids, np.int32),
+                "example_id": self._rows["example_id"],
                 "model": [self.model_name] * n,
                 "method": [self.method] * n,
-                "nll": sums / np.maximum(scored, 1),
-                "n_tokens": _concat(self._lengths, np.int32),
+                "nll": self._rows["sum"] / np.maximum(scored, 1),
+                "n_tokens": self._rows["n_tokens"],
                 "n_scored": scored,
             },
             schema=NLL_SCHEMA,
         )
-
-
-def _concat(parts: Sequence[np.ndarray], dtype: type) -> np.ndarray:
-    return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype=dtype)
 
 
 def per_example_nll(

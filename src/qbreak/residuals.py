@@ -100,7 +100,10 @@ class ResidualStatistic:
         for (layer, site), (norm, kurtosis) in sorted(forward.values.items()):
             self._rows.add(ids, layer, {"norm": norm.cpu().numpy(), "kurtosis": kurtosis.cpu().numpy()}, site)
         for layer, total in forward.abs_sums.items():  # in batch order: the sums do not depend on the streams
-            self._abs_sum[layer] = self._abs_sum.get(layer, 0) + total
+            if layer in self._abs_sum:
+                self._abs_sum[layer] += total  # in place: no new long-lived tensor per batch (see columns.py)
+            else:
+                self._abs_sum[layer] = total
         self._tokens += float(forward.mask.sum())
 
     def result(self) -> pa.Table:
