@@ -91,10 +91,12 @@ wildcard_constraints:
 
 
 # Snakemake cannot see inside the installed qbreak package: a hash of each stage's modules goes
-# into that stage's params, so editing a stage's code reruns exactly that stage.
+# into that stage's params, so editing a stage's code reruns exactly that stage. source_hash also
+# hashes every qbreak module the named ones (or functions) import, so a list cannot miss one.
 JOBS = ("jobs:run_job", "jobs:_runtime")
 MODEL_PASS = (
     "passes",
+    "columns",
     "nll",
     "hooks",
     "models",

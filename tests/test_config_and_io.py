@@ -140,3 +140,33 @@ def test_source_hash_of_one_function_ignores_the_rest_of_its_module(tmp_path, mo
     assert provenance.source_hash("jobs:a") != only_a
     with pytest.raises(FileNotFoundError, match="defines no top-level 'c'"):
         provenance.source_hash("jobs:c")
+
+
+def test_source_hash_follows_the_qbreak_modules_a_function_imports(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    from qbreak import provenance
+
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "jobs.py").write_text(
+        "def a():\n    from qbreak.helper import x\n    return x\n\n\ndef b():\n    from qbreak import other\n"
+    )
+    (package / "helper.py").write_text("import numpy\nfrom qbreak.sub import deep\nx = 1\n")
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "deep.py").write_text("y = 1\n")
+    (package / "other.py").write_text("z = 1\n")
+    monkeypatch.setattr(provenance, "PACKAGE_DIR", package)
+
+    def edited(path: str, text: str) -> bool:
+        before = provenance.source_hash("jobs:a")
+        (package / path).write_text(text)
+        return provenance.source_hash("jobs:a") != before
+
+    assert edited("helper.py", "import numpy\nfrom qbreak.sub import deep\nx = 2\n")  # imported by a
+    assert edited("sub/deep.py", "y = 2\n")  # imported by what a imports
+    assert not edited("other.py", "z = 2\n")  # imported only by b
+    assert provenance.source_hash("jobs:b") == provenance.source_hash("jobs:b", "other")  # b imports other
+    assert provenance.source_hash("jobs:a") != provenance.source_hash("jobs:a", "other")
+    (package / "other.py").write_text("z = 3\n")
+    before_b = provenance.source_hash("jobs:b")
+    (package / "other.py").write_text("z = 4\n")
+    assert provenance.source_hash("jobs:b") != before_b

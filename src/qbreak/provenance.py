@@ -16,19 +16,59 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def source_hash(*modules: str) -> str:
-    """SHA-256 (16 hex digits) of the named qbreak modules' source, e.g. source_hash("nll", "passes").
+    """SHA-256 (16 hex digits) of the named qbreak modules' source, e.g. source_hash("nll", "passes"),
+    and of every qbreak module they import, directly or not.
 
-    "module:function" hashes one top-level function (or class) of a module, so a module of many
-    small entry points (jobs) can be shared by stages without one stage's edit rerunning the rest.
+    "module:function" hashes one top-level function (or class) of a module, and the modules that
+    function imports, so a module of many small entry points (jobs) can be shared by stages without
+    one stage's edit rerunning the rest. Following the imports means a stage's list cannot miss a
+    module its code uses (a new helper module reruns the stages that import it).
     """
     digest = hashlib.sha256()
-    for name in sorted(set(modules)):
-        module, _, function = name.partition(":")
-        source = _module_path(module).read_text()
-        if function:
-            source = _definition_source(source, function, module)
-        digest.update(name.encode() + b"\0" + source.encode())
+    for name in sorted(_with_imports(set(modules))):
+        digest.update(name.encode() + b"\0" + _source(name).encode())
     return digest.hexdigest()[:16]
+
+
+def _source(name: str) -> str:
+    """The source of a module, or of one of its top-level definitions for "module:function"."""
+    module, _, function = name.partition(":")
+    source = _module_path(module).read_text()
+    return _definition_source(source, function, module) if function else source
+
+
+def _with_imports(names: set[str]) -> set[str]:
+    """`names` and every qbreak module imported, anywhere in their source, by them or by a module
+    they import."""
+    done: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in done:
+            done.add(name)
+            todo.extend(_imported_modules(_source(name)))
+    return done
+
+
+def _imported_modules(source: str) -> set[str]:
+    """The qbreak modules (names relative to the package) that `source` imports anywhere."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            # `from qbreak.quantize import rtn` imports the module quantize.rtn
+            found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    names = {name.removeprefix("qbreak.") for name in found if name.startswith("qbreak.")}
+    return {name for name in names if _module_exists(name)}
+
+
+def _module_exists(module: str) -> bool:
+    try:
+        _module_path(module)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _module_path(module: str) -> Path:
