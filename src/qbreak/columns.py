@@ -7,7 +7,7 @@ cut the freed space into holes too small for the next batch's buffers, so the he
 range with every batch: the compare job's pass (FP + one method, 48 examples) took the heap's
 address range from 488 to 1,790 MB over six batches, and the pages that the batches touched
 between two trims raised the peak RSS. With one array per column whose capacity doubles, a run
-makes O(log n) allocations for its results, and the heap stays at one range (README, Performance).
+makes O(log n) allocations for its results, and the heap stays at one range (bench/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ the model once per statistic.
 On a CPU with two or more threads a pass runs as two *streams*: Python threads, each running torch
 ops with half the threads (torch releases the GIL inside its ops). The small matmuls of a decoder
 split poorly across threads, so two streams of one thread each do more per second than one stream
-of two (README, Performance). Each stream takes its own batches (in the side-by-side pass, through
+of two (bench/RESULTS.md). Each stream takes its own batches (in the side-by-side pass, through
 all the models), and the statistics consume them in batch order. Results equal the one-stream pass.
 """
 
@@ -144,7 +144,7 @@ def default_streams(model: torch.nn.Module) -> int:
 
     Each of the two streams gets half the threads. On this project's 2-core machine, two 1-thread
     streams ran the NLL pass 1.13-1.16x and the compare job's pass 1.11-1.15x faster than one
-    2-thread stream, with identical results (README, Performance, 2026-12-03). GPUs keep one stream.
+    2-thread stream, with identical results (bench/RESULTS.md, 2026-12-03). GPUs keep one stream.
     """
     device = next(model.parameters()).device
     return 2 if device.type == "cpu" and torch.get_num_threads() >= 2 else 1
@@ -243,7 +243,7 @@ def run_group_pass(
             for q_model, pair_statistics, observing in groups:
                 # The previous model's activation buffers are free now: return their pages before the
                 # next forward touches others (score_model job, FP + 2 methods: peak RSS 2.4-2.7 GB
-                # instead of 2.9-3.3 GB at the same speed; README, Performance).
+                # instead of 2.9-3.3 GB at the same speed; bench/RESULTS.md).
                 release_freed_memory()
                 q = ModelState(q_model, _observed_forward(q_model, batch, observing))
                 single += [(statistic, q, _reduce(statistic, q_model, batch, q.hidden)) for statistic in observing]

@@ -8,6 +8,7 @@ reruns that stage.
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.metadata
 from pathlib import Path
@@ -34,7 +35,12 @@ def _source(name: str) -> str:
     """The source of a module, or of one of its top-level definitions for "module:function"."""
     module, _, function = name.partition(":")
     source = _module_path(module).read_text()
-    return _definition_source(source, function, module) if function else source
+    if not function:
+        return source
+    definition = _definitions(source).get(function)
+    if definition is None:
+        raise FileNotFoundError(f"qbreak module '{module}' defines no top-level '{function}'")
+    return definition
 
 
 def _with_imports(names: set[str]) -> set[str]:
@@ -46,12 +52,17 @@ def _with_imports(names: set[str]) -> set[str]:
         name = todo.pop()
         if name not in done:
             done.add(name)
-            todo.extend(_imported_modules(_source(name)))
+            todo.extend(_imported_modules(_source(name), PACKAGE_DIR))
     return done
 
 
-def _imported_modules(source: str) -> set[str]:
-    """The qbreak modules (names relative to the package) that `source` imports anywhere."""
+@functools.lru_cache(maxsize=256)
+def _imported_modules(source: str, package_dir: Path) -> frozenset[str]:
+    """The qbreak modules (names relative to the package in `package_dir`) that `source` imports
+    anywhere.
+
+    Cached by source text (as `_definitions`): the workflow hashes ~20 stages' lists when it
+    starts, and parsing the same modules for each took ~100 ms per list."""
     found = set()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
@@ -60,31 +71,36 @@ def _imported_modules(source: str) -> set[str]:
             # `from qbreak.quantize import rtn` imports the module quantize.rtn
             found |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
     names = {name.removeprefix("qbreak.") for name in found if name.startswith("qbreak.")}
-    return {name for name in names if _module_exists(name)}
+    return frozenset(name for name in names if _module_exists(name, package_dir))
 
 
-def _module_exists(module: str) -> bool:
+def _module_exists(module: str, package_dir: Path) -> bool:
     try:
-        _module_path(module)
+        _module_path(module, package_dir)
     except FileNotFoundError:
         return False
     return True
 
 
-def _module_path(module: str) -> Path:
-    path = PACKAGE_DIR / (module.replace(".", "/") + ".py")
+def _module_path(module: str, package_dir: Path | None = None) -> Path:
+    package_dir = PACKAGE_DIR if package_dir is None else package_dir
+    path = package_dir / (module.replace(".", "/") + ".py")
     if not path.is_file():
-        path = PACKAGE_DIR / module.replace(".", "/") / "__init__.py"
+        path = package_dir / module.replace(".", "/") / "__init__.py"
     if not path.is_file():
-        raise FileNotFoundError(f"qbreak module '{module}' not found under {PACKAGE_DIR}")
+        raise FileNotFoundError(f"qbreak module '{module}' not found under {package_dir}")
     return path
 
 
-def _definition_source(source: str, name: str, module: str) -> str:
+@functools.lru_cache(maxsize=64)
+def _definitions(source: str) -> dict[str, str]:
+    """Name → source of each top-level function and class of a module's source (the first, if
+    a name is defined twice)."""
+    definitions: dict[str, str] = {}
     for node in ast.parse(source).body:
-        if isinstance(node, ast.FunctionDef | ast.ClassDef) and node.name == name:
-            return ast.get_source_segment(source, node) or ""
-    raise FileNotFoundError(f"qbreak module '{module}' defines no top-level '{name}'")
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            definitions.setdefault(node.name, ast.get_source_segment(source, node) or "")
+    return definitions
 
 
 def package_version(distribution: str) -> str:

@@ -102,14 +102,14 @@ def tune_allocator() -> None:
     fresh and unmaps it on free, so each [tokens, d_ff] activation of every layer faults its
     pages in again: 280-287k page faults per 16-example NLL pass of the bundled model, against
     17-20k with these fixed thresholds; 1.04-1.09x the NLL pass, 1.04x a compare job (one thread,
-    fresh alternating processes, 2026-12-03; README, Performance).
+    fresh alternating processes, 2026-12-03; bench/RESULTS.md).
     The per-batch `release_freed_memory` still returns the freed heap, so memory stays flat.
 
     One arena: glibc gives each thread that allocates its own heap (arena), and a pass run as two
     streams (passes.py) allocates in three threads, each with its own free-but-touched pages
     between trims. With one arena the compare job's peak RSS per batch on two streams spread
     1,760-1,881 MB instead of 1,755-2,070 MB, at the same speed (57.5 vs 57.6 s and 61.4 vs 63.4 s
-    for 64 examples, 2026-12-03; README, Performance). Call before the job's threads start.
+    for 64 examples, 2026-12-03; bench/RESULTS.md). Call before the job's threads start.
     """
     libc = _libc()
     if libc is not None:
