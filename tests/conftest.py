@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -25,6 +27,33 @@ BLOCK_MODEL_LIBRARIES = (
     "sys.meta_path.insert(0, _Missing())\n"
 )
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
+
+
+def table_difference(path: Path, reference: Path) -> str:
+    """Where an Arrow file differs from `reference`: per column, the differing rows (by example_id
+    where there is one) and the largest absolute and relative difference; for an assertion message
+    (an exact comparison that fails should say whether it is float noise or a wrong table)."""
+    if path.suffix != ".arrow":
+        return f"{path}: bytes differ from {reference}"
+    with pa.memory_map(str(path)) as a, pa.memory_map(str(reference)) as b:
+        table, expected = pa.ipc.open_file(a).read_all(), pa.ipc.open_file(b).read_all()
+    if table.schema != expected.schema or table.num_rows != expected.num_rows:
+        return f"{path}: schema or row count differs ({table.num_rows} vs {expected.num_rows} rows)"
+    lines = []
+    for name in table.column_names:
+        x, y = (t.column(name).to_numpy(zero_copy_only=False) for t in (table, expected))
+        floats = x.dtype.kind == "f"
+        differ = ~((x == y) | (np.isnan(x) & np.isnan(y))) if floats else x != y
+        if not differ.any():
+            continue
+        ids = table.column("example_id").to_numpy() if "example_id" in table.column_names else np.arange(len(x))
+        line = f"{name}: {int(differ.sum())} of {len(x)} rows (examples/rows {sorted(set(ids[differ].tolist()))[:12]})"
+        if floats:
+            delta = np.abs(x[differ] - y[differ])
+            relative = delta / np.maximum(np.abs(y[differ]), 1e-300)
+            line += f", max |Δ| {delta.max():.3g}, max relative {relative.max():.3g}"
+        lines.append(line)
+    return f"{path} vs {reference}: " + ("; ".join(lines) or "equal values, different bytes (metadata?)")
 
 
 @pytest.fixture(autouse=True, scope="session")

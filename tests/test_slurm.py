@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_snakemake, tiny_workflow_config
+from tests.conftest import REPO, run_snakemake, table_difference, tiny_workflow_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 SLURM_ARGS = (
@@ -70,7 +70,7 @@ def test_tiny_workflow_through_slurm_equals_the_local_run(
         if path.is_file() and path.suffix in (".arrow", ".safetensors", ".png", ".svg", ".md", ".html"):
             if relative.name in ("report.html", "overview.html"):  # not a workflow output / shows job seconds
                 continue
-            assert (tmp_path / relative).read_bytes() == path.read_bytes(), relative
+            assert (tmp_path / relative).read_bytes() == path.read_bytes(), table_difference(tmp_path / relative, path)
             compared += 1
     assert compared > 50
     proc = run_snakemake(tmp_path, "-n", *SLURM_ARGS)

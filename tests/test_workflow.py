@@ -34,7 +34,7 @@ from qbreak.io import (
     read_table,
     table_metadata,
 )
-from tests.conftest import BLOCK_MODEL_LIBRARIES, REPO, SNAKEMAKE, run_snakemake
+from tests.conftest import BLOCK_MODEL_LIBRARIES, REPO, SNAKEMAKE, run_snakemake, table_difference
 
 pytestmark = pytest.mark.slow
 
@@ -353,4 +353,5 @@ def test_per_method_layout_writes_the_fused_runs_tables(tiny_run: Path, tmp_path
     assert not (tmp_path / "benchmarks" / "score_model").exists()
     assert len(list((tmp_path / "benchmarks" / "compare_to_fp").rglob("*.tsv"))) == len(config["methods"])
     for name in files:
-        assert read_table(tmp_path / "results" / name).equals(read_table(tiny_run / "results" / name)), name
+        ours, fused = tmp_path / "results" / name, tiny_run / "results" / name
+        assert read_table(ours).equals(read_table(fused)), table_difference(ours, fused)
