@@ -43,7 +43,11 @@ def table_difference(path: Path, reference: Path) -> str:
     for name in table.column_names:
         x, y = (t.column(name).to_numpy(zero_copy_only=False) for t in (table, expected))
         floats = x.dtype.kind == "f"
-        differ = ~((x == y) | (np.isnan(x) & np.isnan(y))) if floats else x != y
+        if floats:
+            differ = ~((x == y) | (np.isnan(x) & np.isnan(y)))
+        else:
+            pairs = zip(table.column(name).to_pylist(), expected.column(name).to_pylist(), strict=True)
+            differ = np.array([a != b for a, b in pairs], dtype=bool)
         if not differ.any():
             continue
         ids = table.column("example_id").to_numpy() if "example_id" in table.column_names else np.arange(len(x))
@@ -54,6 +58,35 @@ def table_difference(path: Path, reference: Path) -> str:
             line += f", max |Δ| {delta.max():.3g}, max relative {relative.max():.3g}"
         lines.append(line)
     return f"{path} vs {reference}: " + ("; ".join(lines) or "equal values, different bytes (metadata?)")
+
+
+# How far a model-pass float may move between two runs of the same workflow in the comparison tests
+# (SLURM vs local, per-method vs fused). Reruns are normally bit-identical, but in CI's full test
+# suite on an Intel host the fused pass's first FP batch came out up to 3.5e-5 relative apart from
+# every other run (KL 2e-4), twice in a row; never outside the suite (README, Reliability).
+RUN_TO_RUN_RTOL, RUN_TO_RUN_ATOL = 1e-3, 1e-6
+# The analysis of those tables (12 examples: correlations and their bootstrap bounds) then moved by
+# up to 6.2e-4.
+ANALYSIS_RUN_TO_RUN_ATOL = 5e-3
+
+
+def table_mismatch(path: Path, reference: Path, rtol: float = 0.0, atol: float = 0.0) -> str | None:
+    """None if the Arrow file at `path` has `reference`'s schema and rows, every non-float column
+    equal and every float column within `rtol`/`atol` (NaN where NaN); else `table_difference`."""
+    with pa.memory_map(str(path)) as a, pa.memory_map(str(reference)) as b:
+        table, expected = pa.ipc.open_file(a).read_all(), pa.ipc.open_file(b).read_all()
+    if table.schema.equals(expected.schema) and table.num_rows == expected.num_rows:
+        for name in table.column_names:
+            x, y = (t.column(name).to_numpy(zero_copy_only=False) for t in (table, expected))
+            floats = x.dtype.kind == "f"
+            same = np.allclose(x, y, rtol=rtol, atol=atol, equal_nan=True) if floats else (
+                table.column(name).to_pylist() == expected.column(name).to_pylist()
+            )
+            if not same:
+                break
+        else:
+            return None
+    return table_difference(path, reference)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -9,13 +9,17 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_snakemake, table_difference, tiny_workflow_config
+from tests.conftest import (
+    ANALYSIS_RUN_TO_RUN_ATOL, REPO, RUN_TO_RUN_ATOL, RUN_TO_RUN_RTOL, run_snakemake, table_difference, table_mismatch,
+    tiny_workflow_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 SLURM_ARGS = (
@@ -63,15 +67,32 @@ def test_tiny_workflow_through_slurm_equals_the_local_run(
     assert set(states) == set(job_ids) and set(states.values()) == {"COMPLETED"}
     assert len(list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))) == len(job_ids)
 
-    # the same results as the local run, byte for byte
-    compared = 0
+    # the same results as the local run, byte for byte; Arrow tables whose floats differ within
+    # conftest.RUN_TO_RUN_RTOL / ANALYSIS_RUN_TO_RUN_ATOL (seen only in CI's full suite) pass (with a
+    # warning), and then the renderings of the
+    # tables (figures, pages) need not be byte-identical
+    compared, renderings, near = 0, [], []
     for path in sorted((tiny_run / "results").rglob("*")):
         relative = path.relative_to(tiny_run)
         if path.is_file() and path.suffix in (".arrow", ".safetensors", ".png", ".svg", ".md", ".html"):
             if relative.name in ("report.html", "overview.html"):  # not a workflow output / shows job seconds
                 continue
-            assert (tmp_path / relative).read_bytes() == path.read_bytes(), table_difference(tmp_path / relative, path)
+            ours = tmp_path / relative
             compared += 1
+            if ours.read_bytes() == path.read_bytes():
+                continue
+            if path.suffix == ".arrow":
+                atol = ANALYSIS_RUN_TO_RUN_ATOL if relative.parts[1] == "analysis" else RUN_TO_RUN_ATOL
+                problem = table_mismatch(ours, path, RUN_TO_RUN_RTOL, atol)
+                assert problem is None, problem
+                near.append(table_difference(ours, path))
+            else:
+                assert ours.exists(), relative
+                renderings.append(relative)
     assert compared > 50
+    assert not renderings or near, f"renderings differ while every table is identical: {renderings}"
+    assert not any(r.suffix == ".safetensors" for r in renderings), renderings  # quantized models: exact
+    if near:
+        warnings.warn("SLURM run's tables equal the local run's only within float rounding: " + " | ".join(near))
     proc = run_snakemake(tmp_path, "-n", *SLURM_ARGS)
     assert "Nothing to be done" in proc.stdout + proc.stderr

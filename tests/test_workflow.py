@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,10 @@ from qbreak.io import (
     read_table,
     table_metadata,
 )
-from tests.conftest import BLOCK_MODEL_LIBRARIES, REPO, SNAKEMAKE, run_snakemake, table_difference
+from tests.conftest import (
+    BLOCK_MODEL_LIBRARIES, REPO, RUN_TO_RUN_ATOL, RUN_TO_RUN_RTOL, SNAKEMAKE, run_snakemake, table_difference,
+    table_mismatch,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -342,7 +346,8 @@ def test_analysis_rules_run_without_torch_and_reproduce_their_outputs(tiny_run: 
 
 def test_per_method_layout_writes_the_fused_runs_tables(tiny_run: Path, tmp_path: Path) -> None:
     """passes.fuse_methods: false through the real workflow (score_fp, one compare_to_fp per method) in
-    a fresh folder: every model-pass table equals the fused run's (score_model)."""
+    a fresh folder: every model-pass table equals the fused run's (score_model): the same rows and
+    integers, floats within conftest.RUN_TO_RUN_RTOL (bit-identical in every run outside CI's suite)."""
     config = yaml.safe_load((tiny_run / "config.yaml").read_text())
     config["passes"] = {"fuse_methods": False}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
@@ -354,4 +359,7 @@ def test_per_method_layout_writes_the_fused_runs_tables(tiny_run: Path, tmp_path
     assert len(list((tmp_path / "benchmarks" / "compare_to_fp").rglob("*.tsv"))) == len(config["methods"])
     for name in files:
         ours, fused = tmp_path / "results" / name, tiny_run / "results" / name
-        assert read_table(ours).equals(read_table(fused)), table_difference(ours, fused)
+        problem = table_mismatch(ours, fused, RUN_TO_RUN_RTOL, RUN_TO_RUN_ATOL)
+        assert problem is None, problem
+        if table_mismatch(ours, fused) is not None:
+            warnings.warn(f"per-method layout = fused run only within float rounding: {table_difference(ours, fused)}")
