@@ -68,9 +68,8 @@ def test_tiny_workflow_through_slurm_equals_the_local_run(
     assert len(list((tmp_path / ".snakemake" / "slurm_logs").rglob("*.log"))) == len(job_ids)
 
     # the same results as the local run, byte for byte; Arrow tables whose floats differ within
-    # conftest.RUN_TO_RUN_RTOL / ANALYSIS_RUN_TO_RUN_ATOL (seen only in CI's full suite) pass (with a
-    # warning), and then the renderings of the
-    # tables (figures, pages) need not be byte-identical
+    # conftest.RUN_TO_RUN_RTOL / ANALYSIS_RUN_TO_RUN_ATOL (seen only in CI's full suite) pass with a
+    # warning, and then the renderings of the tables (figures, pages) need not be byte-identical
     compared, renderings, near = 0, [], []
     for path in sorted((tiny_run / "results").rglob("*")):
         relative = path.relative_to(tiny_run)
