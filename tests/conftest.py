@@ -67,7 +67,7 @@ def table_difference(path: Path, reference: Path) -> str:
 # How far a model-pass float may move between two runs of the same workflow in the comparison tests
 # (SLURM vs local, per-method vs fused). Reruns are normally bit-identical, but in CI's full test
 # suite on an Intel host the fused pass's first FP batch came out up to 3.5e-5 relative apart from
-# every other run (KL 2e-4), in two of three fresh-clone CI runs (the same values both times);
+# every other run (KL 2e-4), in two of four fresh-clone CI runs (the same values both times);
 # never outside the suite (README, Reliability).
 RUN_TO_RUN_RTOL, RUN_TO_RUN_ATOL = 1e-3, 1e-6
 # The analysis of those tables (12 examples: correlations and their bootstrap bounds) then moved by
