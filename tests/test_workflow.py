@@ -359,7 +359,7 @@ def test_per_method_layout_writes_the_fused_runs_tables(tiny_run: Path, tmp_path
     assert len(list((tmp_path / "benchmarks" / "compare_to_fp").rglob("*.tsv"))) == len(config["methods"])
     for name in files:
         ours, fused = tmp_path / "results" / name, tiny_run / "results" / name
-        problem = table_mismatch(ours, fused, RUN_TO_RUN_RTOL, RUN_TO_RUN_ATOL)
-        assert problem is None, problem
-        if table_mismatch(ours, fused) is not None:
+        if table_mismatch(ours, fused) is not None:  # not bit-identical: allowed within float rounding
+            problem = table_mismatch(ours, fused, RUN_TO_RUN_RTOL, RUN_TO_RUN_ATOL)
+            assert problem is None, problem
             warnings.warn(f"per-method layout = fused run only within float rounding: {table_difference(ours, fused)}")
