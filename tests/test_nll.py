@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import platform
+import threading
+
 import numpy as np
 import pyarrow as pa
 import pytest
 import torch
 
+from qbreak import passes
 from qbreak.io import EXAMPLES_SCHEMA
 from qbreak.nll import per_example_nll, token_nll
 from tests.conftest import make_tiny_llama
@@ -138,3 +144,39 @@ def test_fallback_path_for_transformed_logits_matches_model_loss() -> None:
     table = per_example_nll(model, examples_table(rows), "tiny", "fp", batch_size=2)
     for row, nll in zip(rows, table.column("nll").to_pylist(), strict=True):
         assert nll == pytest.approx(own_loss(model, row), abs=1e-5)
+
+
+X86_64_GLIBC = platform.machine() == "x86_64" and platform.libc_ver()[0] == "glibc"
+FE_UPWARD = 0x800  # glibc on x86-64
+
+
+def _nll_in_thread_rounding_upward(model: torch.nn.Module, table: pa.Table, streams: int) -> np.ndarray:
+    """NLLs computed by a thread that rounds upward (and whose stream threads inherit that)."""
+    libm = ctypes.CDLL("libm.so.6")
+    result: list[np.ndarray] = []
+
+    def run() -> None:
+        libm.fesetround(FE_UPWARD)
+        table_ = per_example_nll(model, table, "tiny", "fp", batch_size=2, streams=streams)
+        result.append(table_.column("nll").to_numpy())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+@pytest.mark.skipif(not X86_64_GLIBC, reason="sets the rounding mode with glibc's x86-64 FE_UPWARD")
+@pytest.mark.parametrize("streams", [1, 2])
+def test_nll_pass_runs_in_the_default_float_environment(
+    tiny_llama: torch.nn.Module, streams: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = examples_table(random_rows(4, 512, [9, 14]))
+    reference = per_example_nll(tiny_llama, table, "tiny", "fp", batch_size=2, streams=streams).column("nll").to_numpy()
+    with caplog.at_level(logging.WARNING, logger="qbreak.runtime"):
+        guarded = _nll_in_thread_rounding_upward(tiny_llama, table, streams)
+    np.testing.assert_array_equal(guarded, reference)
+    assert "rounds upward" in caplog.text and "reset to IEEE defaults" in caplog.text
+    # the guard is what makes them equal: without it the same thread's NLLs move
+    monkeypatch.setattr(passes, "ensure_default_float_environment", lambda where: None)
+    assert not np.array_equal(_nll_in_thread_rounding_upward(tiny_llama, table, streams), reference)

@@ -4,6 +4,7 @@ and one heap for all threads."""
 from __future__ import annotations
 
 import ctypes
+import platform
 import subprocess
 import sys
 
@@ -70,3 +71,29 @@ def _arenas(mode: str) -> int:
 def test_configure_keeps_every_thread_on_one_heap() -> None:
     assert _arenas("plain") >= 2  # glibc's default: the worker thread got a heap of its own
     assert _arenas("configure") == 1
+
+
+ROUNDING = {0xC00: "rounds toward zero", 0x400: "rounds downward", 0x800: "rounds upward"}  # glibc x86-64 FE_*
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not GLIBC, reason="glibc's x86-64 FE_* rounding constants")
+def test_float_environment_faults_names_each_departure_and_the_reset_undoes_it() -> None:
+    import torch
+
+    libm = ctypes.CDLL("libm.so.6")
+    assert runtime.float_environment_faults() == []
+    try:
+        for mode, fault in ROUNDING.items():
+            libm.fesetround(mode)
+            assert runtime.float_environment_faults() == [fault]
+            libm.fesetround(0)
+        torch.set_flush_denormal(True)
+        assert runtime.float_environment_faults() == [
+            "flushes subnormal results to zero", "reads subnormal inputs as zero"
+        ]
+        libm.fesetround(0x400)
+        runtime.ensure_default_float_environment("test")
+        assert runtime.float_environment_faults() == []
+    finally:
+        libm.fesetround(0)
+        torch.set_flush_denormal(False)

@@ -28,7 +28,7 @@ import pyarrow as pa
 import torch
 
 from qbreak.columns import Columns
-from qbreak.runtime import release_freed_memory
+from qbreak.runtime import ensure_default_float_environment, release_freed_memory
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,9 @@ class Statistic(Protocol):
 
 
 def final_hidden_state(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """Final normed hidden state of a causal LM's decoder [batch, pos, d_model]."""
+    """Final normed hidden state of a causal LM's decoder [batch, pos, d_model], computed in IEEE's
+    default floating-point environment (`runtime.ensure_default_float_environment`)."""
+    ensure_default_float_environment("model forward")
     decoder = model.get_decoder()
     out = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
     return out.last_hidden_state
@@ -156,8 +158,11 @@ def stream_pool(streams: int) -> Iterator[ThreadPoolExecutor]:
 
     torch's thread count is process-wide for MKL and per OS thread for OpenMP (a new thread takes
     the count set when it first runs an op), so it is lowered before the workers start and restored
-    after they have stopped; the pool is fresh per pass.
+    after they have stopped; the pool is fresh per pass. The calling thread is first reset to the
+    default floating-point environment, which the workers inherit, and where the statistics' results
+    are computed.
     """
+    ensure_default_float_environment("model pass")
     total = torch.get_num_threads()
     torch.set_num_threads(max(1, total // streams))
     try:

@@ -42,6 +42,7 @@ from qbreak.hooks import HookFn, ThreadHooks, decoder_layers, hooks
 from qbreak.io import PATCHING_SCHEMA
 from qbreak.nll import batch_nll
 from qbreak.passes import Batch, default_streams, final_hidden_state, iter_batches, stream_pool
+from qbreak.runtime import ensure_default_float_environment
 
 # patch site -> hook site (hooks.SITES) whose activation is replaced
 PATCH_SITES: dict[str, str] = {
@@ -173,6 +174,7 @@ def layer_inputs(model: torch.nn.Module) -> Iterator[dict[int, tuple[torch.Tenso
 
 def run_from(model: torch.nn.Module, start: int, inputs: Mapping[int, tuple[torch.Tensor, dict[str, Any]]]) -> torch.Tensor:
     """Final normed hidden state when the decoder resumes at layer `start` from its recorded input."""
+    ensure_default_float_environment("patched forward")
     layers = decoder_layers(model)
     hidden = inputs[start][0]
     for index in range(start, len(layers)):

@@ -6,6 +6,7 @@ import ctypes
 import functools
 import logging
 import sys
+import threading
 from typing import TYPE_CHECKING
 
 from qbreak.errors import QbreakError
@@ -129,3 +130,70 @@ def release_freed_memory() -> None:
     libc = _libc()
     if libc is not None:
         libc.malloc_trim(0)
+
+
+log = logging.getLogger(__name__)
+
+# glibc's FE_TONEAREST (0 on x86-64 and aarch64): the IEEE default rounding mode
+_FE_TONEAREST = 0
+
+
+def float_environment_faults() -> list[str]:
+    """How the calling thread's floating-point environment departs from IEEE's default (round to
+    nearest, subnormals kept); empty when it does not.
+
+    The environment (x86: the MXCSR register) belongs to each OS thread, and a new thread starts
+    with its creator's. A forward run under another rounding mode gives other numbers, not wrong
+    looking ones: upward or downward rounding in one batch's forward moves the bundled model's NLLs
+    by up to 1.6e-4 (toward zero 2.4e-5), where the kernel choices that legitimately differ between
+    layouts move them by at most 2e-6 (bench/RESULTS.md, 2026-12-05). Probed with float32 arithmetic
+    in this thread, so it sees what torch's CPU kernels in this thread see.
+    """
+    import numpy as np
+
+    ulp = np.float32(2.0**-23)  # spacing of float32 numbers at 1
+    # 1 + 0.75 ulp and -1 - 0.75 ulp: which neighbour each lands on tells the rounding mode
+    ones = np.array([1.0, -1.0], dtype=np.float32) + np.array([0.75, -0.75], dtype=np.float32) * ulp
+    away = (bool(ones[0] > 1), bool(ones[1] < -1))
+    mode = {(True, True): None, (False, False): "toward zero", (False, True): "downward", (True, False): "upward"}
+    faults = [] if mode[away] is None else [f"rounds {mode[away]}"]
+    tiny = np.array([np.finfo(np.float32).tiny], dtype=np.float32)  # the smallest normal float32
+    if (tiny * np.float32(0.5))[0] == 0:
+        faults.append("flushes subnormal results to zero")
+    subnormal = np.array([1], dtype=np.uint32).view(np.float32)
+    if (subnormal + subnormal)[0] == 0:
+        faults.append("reads subnormal inputs as zero")
+    return faults
+
+
+def ensure_default_float_environment(where: str) -> None:
+    """Reset the calling thread to IEEE's default floating-point environment if anything changed
+    it, with a warning naming `where` and what was found (see `float_environment_faults`).
+
+    Model passes call it before every forward, so that a batch's numbers never depend on what
+    else ran in the thread (or in the thread that created it) before."""
+    faults = float_environment_faults()
+    if not faults:
+        return
+    log.warning(
+        "%s: thread %s %s; reset to IEEE defaults (round to nearest, subnormals kept) before the forward",
+        where, threading.current_thread().name, " and ".join(faults),
+    )
+    _reset_float_environment()
+    left = float_environment_faults()
+    if left:
+        raise RuntimeError(f"{where}: could not reset the floating-point environment; it still {' and '.join(left)}")
+
+
+def _reset_float_environment() -> None:
+    try:
+        libm = ctypes.CDLL("libm.so.6")
+    except OSError:
+        libm = None
+    if libm is not None and hasattr(libm, "fesetround"):
+        libm.fesetround(_FE_TONEAREST)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_flush_denormal(False)  # clears flush-to-zero and denormals-are-zero in this thread
