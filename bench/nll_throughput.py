@@ -60,10 +60,10 @@ from qbreak.residuals import AmplificationStatistic, ResidualStatistic
 from qbreak.runtime import configure
 
 
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """Best float32 FLOP/s of size² @ size² matmuls: one on all threads, or (given ≥ 2 threads) one
-    per thread at once, as the passes' streams run; the larger of the two is the peak."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak(size: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> float:
+    """Best FLOP/s (float32 unless `dtype`) of size² @ size² matmuls: one on all threads, or (given ≥ 2
+    threads) one per thread at once, as the passes' streams run; the larger of the two is the peak."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
