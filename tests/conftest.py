@@ -75,6 +75,20 @@ RUN_TO_RUN_RTOL, RUN_TO_RUN_ATOL = 1e-3, 1e-6
 ANALYSIS_RUN_TO_RUN_ATOL = 5e-3
 
 
+def float_environment_resets(*workdirs: Path) -> str:
+    """The job-log lines of workflow runs in which a model forward found its thread's floating-point
+    environment changed and reset it (`runtime.ensure_default_float_environment`), for the warning
+    of a comparison that was not bit-identical: they say whether that was the cause."""
+    lines = [
+        f"{log.relative_to(workdir)}: {line.strip()}"
+        for workdir in workdirs
+        for log in sorted((workdir / "logs").rglob("*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+        if "reset to IEEE defaults" in line
+    ]
+    return "; ".join(lines) if lines else "no job log reports a changed floating-point environment"
+
+
 def table_mismatch(path: Path, reference: Path, rtol: float = 0.0, atol: float = 0.0) -> str | None:
     """None if the Arrow file at `path` has `reference`'s schema and rows, every non-float column
     equal and every float column within `rtol`/`atol` (NaN where NaN); else `table_difference`."""

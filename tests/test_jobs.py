@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,17 @@ def test_runtime_dtype_on_a_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
         runtime.torch_dtype("float16", "cpu")
     with pytest.raises(QbreakError, match=r"runtime.dtype: expected one of"):
         runtime.torch_dtype("float64", "cpu")
+
+
+def test_a_float32_job_on_an_amx_cpu_points_to_bfloat16(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from qbreak.jobs import _runtime
+
+    for amx in (True, False):
+        monkeypatch.setattr(runtime, "cpu_has_amx_bf16", lambda amx=amx: amx)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="qbreak.jobs"):
+            assert _runtime(RUNTIME) == ("cpu", torch.float32, 3)
+        assert ("runtime.dtype: bfloat16 runs the model passes about 3x faster" in caplog.text) is amx
 
 
 TEXTS = [

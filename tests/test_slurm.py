@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from tests.conftest import (
-    ANALYSIS_RUN_TO_RUN_ATOL, REPO, RUN_TO_RUN_ATOL, RUN_TO_RUN_RTOL, run_snakemake, table_difference, table_mismatch,
-    tiny_workflow_config,
+    ANALYSIS_RUN_TO_RUN_ATOL, REPO, RUN_TO_RUN_ATOL, RUN_TO_RUN_RTOL, float_environment_resets, run_snakemake,
+    table_difference, table_mismatch, tiny_workflow_config,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
@@ -92,6 +92,7 @@ def test_tiny_workflow_through_slurm_equals_the_local_run(
     assert not renderings or near, f"renderings differ while every table is identical: {renderings}"
     assert not any(r.suffix == ".safetensors" for r in renderings), renderings  # quantized models: exact
     if near:
-        warnings.warn("SLURM run's tables equal the local run's only within float rounding: " + " | ".join(near))
+        warnings.warn("SLURM run's tables equal the local run's only within float rounding: " + " | ".join(near)
+                      + f" ({float_environment_resets(tiny_run, tmp_path)})")
     proc = run_snakemake(tmp_path, "-n", *SLURM_ARGS)
     assert "Nothing to be done" in proc.stdout + proc.stderr

@@ -36,8 +36,8 @@ from qbreak.io import (
     table_metadata,
 )
 from tests.conftest import (
-    BLOCK_MODEL_LIBRARIES, REPO, RUN_TO_RUN_ATOL, RUN_TO_RUN_RTOL, SNAKEMAKE, run_snakemake, table_difference,
-    table_mismatch,
+    BLOCK_MODEL_LIBRARIES, REPO, RUN_TO_RUN_ATOL, RUN_TO_RUN_RTOL, SNAKEMAKE, float_environment_resets, run_snakemake,
+    table_difference, table_mismatch,
 )
 
 pytestmark = pytest.mark.slow
@@ -362,4 +362,5 @@ def test_per_method_layout_writes_the_fused_runs_tables(tiny_run: Path, tmp_path
         if table_mismatch(ours, fused) is not None:  # not bit-identical: allowed within float rounding
             problem = table_mismatch(ours, fused, RUN_TO_RUN_RTOL, RUN_TO_RUN_ATOL)
             assert problem is None, problem
-            warnings.warn(f"per-method layout = fused run only within float rounding: {table_difference(ours, fused)}")
+            warnings.warn(f"per-method layout = fused run only within float rounding: {table_difference(ours, fused)} "
+                          f"({float_environment_resets(tiny_run, tmp_path)})")

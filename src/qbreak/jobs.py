@@ -103,10 +103,13 @@ def make_calibration_job(
 
 
 def _runtime(runtime: Mapping[str, Any]) -> tuple[str, Any, int]:
-    from qbreak.runtime import torch_dtype
+    from qbreak.runtime import cpu_has_amx_bf16, torch_dtype
 
-    device = str(runtime.get("device", "cpu"))
-    return device, torch_dtype(str(runtime.get("dtype", "float32")), device), int(runtime.get("batch_size", 8))
+    device, name = str(runtime.get("device", "cpu")), str(runtime.get("dtype", "float32"))
+    if device == "cpu" and name == "float32" and cpu_has_amx_bf16():
+        log.info("this CPU has AMX bfloat16 units: runtime.dtype: bfloat16 runs the model passes about 3x faster "
+                 "(NLLs about 0.01 nats from float32's; README, Configuration)")
+    return device, torch_dtype(name, device), int(runtime.get("batch_size", 8))
 
 
 def _log_speed(model_name: str, method: str, nll: pa.Table, seconds: float, what: str = "") -> None:
