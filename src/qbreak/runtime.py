@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+log = logging.getLogger(__name__)
+
 
 def configure(threads: int, seed: int | None = None) -> None:
     """Set torch's thread count to the threads a job was given (oversubscription costs 100×).
@@ -161,8 +163,6 @@ def release_freed_memory() -> None:
     if libc is not None:
         libc.malloc_trim(0)
 
-
-log = logging.getLogger(__name__)
 
 # glibc's FE_TONEAREST (0 on x86-64 and aarch64): the IEEE default rounding mode
 _FE_TONEAREST = 0
