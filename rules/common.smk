@@ -96,7 +96,6 @@ wildcard_constraints:
 JOBS = ("jobs:run_job", "jobs:_runtime")
 MODEL_PASS = (
     "passes",
-    "columns",
     "nll",
     "hooks",
     "models",

@@ -231,7 +231,10 @@ def run_group_pass(
         if streams < 2 or any(_one_forward_at_a_time(statistic) for statistic in observers):
             for batch in batches:
                 fp = ModelState(fp_model, _forward(fp_model, batch, fp_statistics))
-                qs = [ModelState(q_model, _forward(q_model, batch, observing)) for q_model, _, observing in groups]
+                qs = []
+                for q_model, _, observing in groups:
+                    release_freed_memory()  # the previous model's activation buffers, as in `work` below
+                    qs.append(ModelState(q_model, _forward(q_model, batch, observing)))
                 for (_, pair, _), q in zip(groups, qs, strict=True):
                     for statistic in pair:
                         statistic.update(batch, fp, q)
