@@ -5,11 +5,18 @@ import yaml
 
 from snakemake.utils import validate
 
-from qbreak.config import CALIBRATED_KINDS, check_config, load_schema
+from qbreak.config import (
+    CALIBRATED_KINDS,
+    check_config,
+    check_config_files,
+    load_schema,
+)
 from qbreak.models import BUNDLED_MODELS, model_parameters
 from qbreak.provenance import source_hash
 
-# One clear line naming the bad key first, then Snakemake's validation fills in the defaults.
+# One clear line naming the bad key (or the config file's duplicated key) first, then Snakemake's
+# validation fills in the defaults.
+check_config_files(workflow.configfiles)
 check_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
 validate(config, schema="../schemas/config.schema.yaml")
 
@@ -24,15 +31,6 @@ CALIBRATION = {
     for entry in (config.get("methods") or {}).values()
     if entry.get("calibration")
 }
-for _method in PATCHED:
-    if _method not in QUANTIZED:
-        raise ValueError(
-            f"config key patching.methods: '{_method}' is not a configured method {QUANTIZED}"
-        )
-if CORPUS in CALIBRATION:
-    raise ValueError(
-        f"config key methods.*.calibration.name: '{CORPUS}' is the main corpus's name; choose another"
-    )
 
 
 # Job resources sized from the model: float32 (or runtime.dtype) weights in MB, from config.json
@@ -209,17 +207,21 @@ def calibration_file(wildcards):
 
 def calibration_corpus(wildcards):
     """The calibration corpus entry, with the sizes it needs from the corpus and its methods."""
-    samples = [
-        int(entry.get("calibration_samples", 64))
-        for entry in config["methods"].values()
+    samples = {
+        name: int(entry.get("calibration_samples", 64))
+        for name, entry in config["methods"].items()
         if (entry.get("calibration") or {}).get("name") == wildcards.calibration
-    ]
+    }
+    largest = max(samples, key=samples.get)
     sizes = {k: config["corpus"][k] for k in ("seq_len", "seed")}
     return {
         **CALIBRATION[wildcards.calibration],
         **sizes,
         "n_examples": 0,
-        "n_calibration": max(samples),
+        "n_calibration": samples[largest],
+        # the config keys the job's errors name
+        "config_key": f"methods.{largest}.calibration",
+        "size_key": f"methods.{largest}.calibration_samples",
     }
 
 

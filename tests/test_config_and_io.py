@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from qbreak import __version__
-from qbreak.config import check_config, load_schema
+from qbreak.config import KIND_KEYS, METHOD_KEYS, check_config, check_config_files, load_schema
 from qbreak.errors import QbreakError
 from qbreak.io import NLL_SCHEMA, atomic_path, read_table, table_metadata, write_table
 from tests.conftest import REPO, run_snakemake
@@ -34,6 +34,19 @@ def test_shipped_configs_are_valid(path: str) -> None:
         (lambda c: c.update(modles={}), "config key modles: unknown key"),
         (lambda c: c["models"]["smollm2-135m"].update(path="/x"), "config key models.smollm2-135m: give exactly one"),
         (lambda c: c["corpus"].pop("bundled"), "config key corpus: give exactly one source"),
+        (lambda c: c["runtime"].update(device="gpu"), "config key runtime.device: 'gpu' does not match"),
+        # cross-references the schema cannot express (config.check_references)
+        (lambda c: c["methods"]["rtn-w3-g64"].update(damping=0.1),
+         "config key methods.rtn-w3-g64.damping: not an option of kind rtn (its options: bits, group_size, kind, seed, symmetric)"),
+        (lambda c: c["methods"]["nf3-g64"].update(symmetric=True), "config key methods.nf3-g64.symmetric: not an option of kind nf"),
+        (lambda c: c["methods"]["awq-w3-g64"].update(optimize=False), "config key methods.awq-w3-g64.optimize: not an option of kind awq"),
+        (lambda c: c["patching"].update(methods=["nope"]), "config key patching.methods: 'nope' is not a configured method"),
+        (lambda c: c.update(analysis={"methods": ["gptq-w3-g64", "nope"]}), "config key analysis.methods: 'nope' is not a configured method"),
+        (lambda c: c["methods"]["gptq-w3-g64"].update(calibration={"name": c["corpus"]["name"], "path": "/x.txt"}),
+         "config key methods.gptq-w3-g64.calibration.name: 'wikipedia-vital' is the main corpus's name"),
+        (lambda c: [c["methods"][m].update(calibration={"name": "c4", "path": p}) for m, p in
+                    (("gptq-w3-g64", "/a.txt"), ("awq-w3-g64", "/b.txt"))],
+         "config key methods.awq-w3-g64.calibration.name: 'c4' names another source in methods.gptq-w3-g64.calibration"),
     ],
 )
 def test_config_errors_name_the_key(edit, expected: str) -> None:
@@ -51,6 +64,43 @@ def test_snakemake_refuses_a_config_typo_naming_the_key(tmp_path: Path) -> None:
     proc = run_snakemake(tmp_path, "-n", "--cores", "1", check=False)
     assert proc.returncode != 0
     assert "config key corpus.n_exampels: unknown key" in proc.stdout + proc.stderr
+
+
+def test_shared_calibration_corpus_with_one_source_is_fine() -> None:
+    config = copy.deepcopy(DEFAULT)
+    for method in ("gptq-w3-g64", "awq-w3-g64"):
+        config["methods"][method]["calibration"] = {"name": "c4", "path": "/data/c4.txt"}
+    check_config(config, SCHEMA)
+
+
+def test_every_method_key_of_the_schema_belongs_to_some_kind() -> None:
+    entry = SCHEMA["properties"]["methods"]["additionalProperties"]
+    assert set(KIND_KEYS) == set(entry["properties"]["kind"]["enum"])
+    assert METHOD_KEYS.union(*KIND_KEYS.values()) == set(entry["properties"])
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "key"),
+    [
+        ("methods:\n  a:\n    kind: rtn\n  a:\n    kind: nf\n", 4, "a"),  # one method twice
+        ("methods: {}\ncorpus: {}\nmethods: {}\n", 3, "methods"),  # a second block would replace the first
+    ],
+)
+def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path: Path, text: str, line: int, key: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(QbreakError) as info:
+        check_config_files([path])
+    assert str(info.value) == f"{path}: line {line}: key '{key}' given twice in one mapping"
+
+
+def test_snakemake_refuses_a_method_given_twice(tmp_path: Path) -> None:
+    text = yaml.safe_dump(DEFAULT, sort_keys=False)
+    duplicate = "methods:\n  rtn-w3-g64:\n    kind: nf\n    bits: 4\n    group_size: 32\n"
+    (tmp_path / "config.yaml").write_text(text.replace("methods:\n", duplicate, 1))
+    proc = run_snakemake(tmp_path, "-n", "--cores", "1", check=False)
+    assert proc.returncode != 0
+    assert "config.yaml: line " in proc.stdout + proc.stderr and "key 'rtn-w3-g64' given twice" in proc.stdout + proc.stderr
 
 
 def test_paper_config_builds_its_dag(tmp_path: Path) -> None:
@@ -123,6 +173,23 @@ def test_corrupt_or_missing_arrow_is_one_line_error(tmp_path: Path) -> None:
     write_table(nll_table().drop_columns(["nll"]), tmp_path / "narrow.arrow")
     with pytest.raises(QbreakError, match=r"narrow\.arrow: missing columns \['nll'\]"):
         read_table(tmp_path / "narrow.arrow", NLL_SCHEMA)
+
+
+def test_an_arrow_column_of_the_wrong_type_or_with_nulls_is_named(tmp_path: Path) -> None:
+    table = nll_table()
+    texts = table.set_column(table.schema.get_field_index("nll"), "nll", pa.array(["abc"] * table.num_rows))
+    with pa.ipc.new_file(str(tmp_path / "text.arrow"), texts.schema) as writer:
+        writer.write_table(texts)
+    with pytest.raises(QbreakError) as info:
+        read_table(tmp_path / "text.arrow", NLL_SCHEMA)
+    assert str(info.value).startswith(f"{tmp_path / 'text.arrow'}: column 'nll' is string, not double (")
+    assert "\n" not in str(info.value)
+    ids = pa.array([None] + list(range(1, table.num_rows)), pa.int32())
+    nulls = table.set_column(0, pa.field("example_id", pa.int32()), ids)
+    with pa.ipc.new_file(str(tmp_path / "nulls.arrow"), nulls.schema) as writer:
+        writer.write_table(nulls)
+    with pytest.raises(QbreakError, match=r"nulls\.arrow: column 'example_id' has 1 null value\(s\), where none may be$"):
+        read_table(tmp_path / "nulls.arrow", NLL_SCHEMA)
 
 
 def test_source_hash_of_one_function_ignores_the_rest_of_its_module(tmp_path, monkeypatch) -> None:  # noqa: ANN001

@@ -98,6 +98,57 @@ def test_local_file_formats_give_the_same_documents(tmp_path: Path) -> None:
         list(iter_documents({"path": str(tmp_path / "c.parquet")}))
 
 
+def test_a_json_file_may_hold_one_array_of_objects(tmp_path: Path) -> None:
+    rows = [{"text": "first document text", "id": "a"}, {"text": "second one"}]
+    (tmp_path / "c.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows))
+    for name in ("c.json", "lines.json"):
+        got = [(d.doc_id, d.text) for d in iter_documents({"path": str(tmp_path / name)})]
+        assert got == [("a", "first document text"), ("1", "second one")], name
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("c.jsonl", '{"text": "ok"}\n{text: "no quotes"}\n', "c.jsonl: line 2 is not valid JSON (Expecting property name"),
+        ("c.json", '[{"text": "ok"},\n {"text": }]', "c.json: not valid JSON (line 2: Expecting value)"),
+        ("c.jsonl", '{"text": "ok"}\n["a list"]\n', "c.jsonl: line 2 is a JSON list, not an object (corpus.path)"),
+        ("c.jsonl", '{"text": "ok"}\n{"text": null}\n', "c.jsonl: line 2: column 'text' is null, not text (corpus.text_column)"),
+        ("c.json", '[{"text": 3}]', "c.json: item 0: column 'text' is int, not text (corpus.text_column)"),
+        ("c.txt", b"caf\xe9 au lait\n", "config key corpus.path: {path} is not UTF-8 text (byte 3: invalid continuation byte)"),
+        ("c.parquet", b"PAR1 truncated", "config key corpus.path: {path} is not a readable Parquet file ("),
+    ],
+)
+def test_an_unreadable_corpus_file_is_one_line_naming_it(tmp_path: Path, name: str, content: str | bytes, message: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(QbreakError) as info:
+        list(iter_documents({"path": str(path)}))
+    text = str(info.value)
+    assert "\n" not in text and message.format(path=path) in text and str(path) in text
+
+
+def test_null_text_in_parquet_names_the_row(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"text": ["ok", None]}), tmp_path / "c.parquet")
+    with pytest.raises(QbreakError, match=r"c.parquet: row 1: column 'text' is null"):
+        list(iter_documents({"path": str(tmp_path / "c.parquet")}))
+
+
+def test_a_calibration_corpus_names_its_own_keys(tmp_path: Path, bundled_tokenizer) -> None:
+    """A method's own calibration corpus (methods.<name>.calibration) names that method's keys."""
+    with pytest.raises(QbreakError, match=r"^config key methods.gptq.calibration.path: .*c.csv does not exist"):
+        list(iter_documents({"path": str(tmp_path / "c.csv")}, "methods.gptq.calibration"))
+    (tmp_path / "c.csv").write_text("x")  # exists, wrong suffix
+    with pytest.raises(QbreakError, match=r"^config key methods.gptq.calibration.path: .*c.csv must be"):
+        list(iter_documents({"path": str(tmp_path / "c.csv")}, "methods.gptq.calibration"))
+    with pytest.raises(QbreakError, match=r"^config key methods.gptq.calibration_samples: corpus 'cal' has only 5"):
+        build_examples(iter(docs(5)), bundled_tokenizer, 32, 0, 8, seed=0, start_token_id=0, corpus_name="cal",
+                       size_key="methods.gptq.calibration_samples", source_key="methods.gptq.calibration")
+    with pytest.raises(QbreakError, match=r"^config key methods.gptq.calibration: corpus 'cal' has no documents"):
+        build_examples(iter([]), bundled_tokenizer, 32, 0, 8, seed=0, start_token_id=0, corpus_name="cal",
+                       size_key="methods.gptq.calibration_samples", source_key="methods.gptq.calibration")
+
+
 def test_hf_dataset_source_streams_a_local_dataset(tmp_path: Path) -> None:
     """The real datasets.load_dataset(streaming=True) path, on a local dataset folder (no hub here)."""
     folder = tmp_path / "fineweb-like"

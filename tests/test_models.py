@@ -14,10 +14,18 @@ from tests.conftest import make_tiny_llama
 
 
 def save_tiny(folder: Path, tokenizer_dir: Path | None = None) -> Path:
+    """The tiny Llama as a Hugging Face folder, with `tokenizer_dir`'s tokenizer or a word-level one
+    of its 512-token vocabulary."""
     make_tiny_llama().save_pretrained(folder, safe_serialization=True)
     if tokenizer_dir is not None:
         for f in tokenizer_dir.glob("tokenizer*"):
             (folder / f.name).write_bytes(f.read_bytes())
+    else:
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        tokenizer = Tokenizer(models.WordLevel({"<unk>": 0, **{f"w{i}": i for i in range(1, 512)}}, unk_token="<unk>"))
+        tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+        tokenizer.save(str(folder / "tokenizer.json"))
     return folder
 
 
@@ -75,6 +83,36 @@ def test_model_folder_without_safetensors_is_refused(tmp_path: Path) -> None:
     (folder / "pytorch_model.bin").write_bytes(b"pickle")
     with pytest.raises(QbreakError, match=r"no \*\.safetensors weights .*pytorch_model\.bin"):
         fetch_model("pickled", {"path": str(folder)}, tmp_path / "out")
+
+
+def _truncate(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda f: (f / "config.json").write_text('{"model_type": "llama",'), "config.json is not valid JSON (line 1: "),
+        (lambda f: (f / "config.json").write_text("[1, 2]"), "config.json holds a JSON list, not an object"),
+        (lambda f: _truncate(f / "model.safetensors", 4096), "model.safetensors is truncated: its tensors need "),
+        (lambda f: _truncate(f / "model.safetensors", 5), "model.safetensors is not a safetensors file (truncated or no header)"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"\x10" + b"\0" * 7 + b"not json here..."),
+         "model.safetensors is not a safetensors file (its header is not JSON)"),
+        (lambda f: (f / "tokenizer.json").unlink(), "has no tokenizer (none of tokenizer.json, tokenizer.model"),
+        (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-00002.safetensors"}}'),
+         "model.safetensors.index.json names shards that are missing: ['model-00002.safetensors']"),
+    ],
+)
+def test_a_broken_model_folder_is_refused_at_fetch_naming_the_file(tmp_path: Path, damage, message: str) -> None:  # noqa: ANN001
+    """A corrupt config.json or safetensors file, a folder without tokenizer or with a missing shard:
+    fetch_model stops with one line naming the key and the file, instead of a later job's traceback."""
+    folder = save_tiny(tmp_path / "src")
+    damage(folder)
+    with pytest.raises(QbreakError) as info:
+        fetch_model("broken", {"path": str(folder)}, tmp_path / "out")
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(f"config key models.broken.path: {folder}") and message in text
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))  # nothing half-written
 
 
 def test_model_entry_needs_exactly_one_source(tmp_path: Path) -> None:

@@ -97,3 +97,30 @@ def test_float_environment_faults_names_each_departure_and_the_reset_undoes_it()
     finally:
         libm.fesetround(0)
         torch.set_flush_denormal(False)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("gpu", "config key runtime.device: expected cpu, cuda or cuda:N, got 'gpu'"),
+        ("cuda:x", "config key runtime.device: expected cpu, cuda or cuda:N, got 'cuda:x'"),
+    ],
+)
+def test_a_bad_device_is_one_line_naming_the_key(device: str, message: str) -> None:
+    with pytest.raises(runtime.QbreakError) as info:
+        runtime.check_device(device)
+    assert str(info.value) == message
+
+
+def test_cuda_without_a_gpu_stops_naming_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    runtime.check_device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(runtime.QbreakError, match=r"^config key runtime.device: cuda:1 asked for, but torch .* sees no CUDA GPU here$"):
+        runtime.check_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    runtime.check_device("cuda:0")
+    with pytest.raises(runtime.QbreakError, match=r"^config key runtime.device: cuda:1 asked for, but only 1 GPU\(s\) here$"):
+        runtime.check_device("cuda:1")

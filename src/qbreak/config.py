@@ -8,7 +8,7 @@ page of schema dump. Snakemake's own `validate` then fills in the defaults.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jsonschema
@@ -31,11 +31,55 @@ def load_schema(path: str | os.PathLike[str]) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
+# Keys of a methods.<name> entry: those every kind takes, and each kind's own (the schema lists their
+# union; an option of another kind would be recorded in quant.json and silently ignored).
+METHOD_KEYS = frozenset({"kind", "bits", "group_size", "seed"})
+KIND_KEYS: dict[str, frozenset[str]] = {
+    "gptq": frozenset({"symmetric", "calibration_samples", "calibration", "damping", "block_size", "actorder"}),
+    "awq": frozenset({"symmetric", "calibration_samples", "calibration", "n_grid", "duo_scaling"}),
+    "rtn": frozenset({"symmetric"}),
+    "nf": frozenset(),
+    "hqq": frozenset({"optimize"}),
+}
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses a mapping key given twice (plain YAML keeps the last one silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise QbreakError(
+                f"{loader.name}: line {key_node.start_mark.line + 1}: key '{key}' given twice in one mapping"
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def check_config_files(paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Raise QbreakError naming the file and line of a key given twice (Snakemake's loader keeps the
+    last, so a duplicated method or a second `methods:` block would replace the first unnoticed)."""
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            try:
+                yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+            except yaml.YAMLError as error:
+                raise QbreakError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+
+
 def check_config(config: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
-    """Raise QbreakError naming the config key of the first schema violation."""
+    """Raise QbreakError naming the config key of the first schema violation, then of the first
+    cross-reference the schema cannot express (see `check_references`)."""
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: (len(e.absolute_path), _key(e.absolute_path)))
     if not errors:
+        check_references(config)
         return
     error = errors[0]
     where = _key(error.absolute_path)
@@ -50,3 +94,40 @@ def check_config(config: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
         options = [sorted(o.get("required", [])) for o in error.schema["oneOf"]]
         raise QbreakError(f"config key {where}: give exactly one source, one of {options}")
     raise QbreakError(f"config key {where}: {error.message}")
+
+
+def check_references(config: Mapping[str, Any]) -> None:
+    """Raise QbreakError naming the key of the first setting that contradicts another: an option of
+    another method kind, a patched or analysed method that is not configured, two calibration
+    corpora of one name with different sources, a calibration corpus named like the main corpus."""
+    methods: Mapping[str, Mapping[str, Any]] = config.get("methods") or {}
+    for name, entry in methods.items():
+        allowed = METHOD_KEYS | KIND_KEYS[entry["kind"]]
+        for key in entry:
+            if key not in allowed:
+                raise QbreakError(
+                    f"config key methods.{name}.{key}: not an option of kind {entry['kind']} "
+                    f"(its options: {', '.join(sorted(allowed))})"
+                )
+    for section in ("patching", "analysis"):
+        for method in (config.get(section) or {}).get("methods") or []:
+            if method not in methods:
+                raise QbreakError(
+                    f"config key {section}.methods: '{method}' is not a configured method {sorted(methods)}"
+                )
+    corpus_name = (config.get("corpus") or {}).get("name")
+    sources: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, entry in methods.items():
+        calibration = entry.get("calibration")
+        if not calibration:
+            continue
+        key = f"methods.{name}.calibration.name"
+        if calibration["name"] == corpus_name:
+            raise QbreakError(f"config key {key}: '{corpus_name}' is the main corpus's name; choose another")
+        source = {k: v for k, v in calibration.items() if k != "name"}
+        first = sources.setdefault(calibration["name"], (name, source))
+        if first[1] != source:
+            raise QbreakError(
+                f"config key {key}: '{calibration['name']}' names another source in methods.{first[0]}.calibration; "
+                "one name, one corpus"
+            )

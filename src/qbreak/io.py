@@ -141,8 +141,29 @@ def read_table(path: str | os.PathLike[str], schema: pa.Schema | None = None) ->
         missing = [n for n in schema.names if n not in table.column_names]
         if missing:
             raise QbreakError(f"{path}: missing columns {missing}")
-        table = table.select(schema.names).cast(schema).replace_schema_metadata(table.schema.metadata)
+        try:
+            cast = table.select(schema.names).cast(schema)
+        except (pa.ArrowException, ValueError) as exc:
+            raise QbreakError(f"{path}: {_cast_fault(table, schema) or _first_line(exc)}") from None
+        table = cast.replace_schema_metadata(table.schema.metadata)
     return table
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _cast_fault(table: pa.Table, schema: pa.Schema) -> str | None:
+    """Which column keeps `table` from `schema`: nulls where none may be, or values of another type."""
+    for field in schema:
+        column = table[field.name]
+        if not field.nullable and column.null_count:
+            return f"column '{field.name}' has {column.null_count} null value(s), where none may be"
+        try:
+            column.cast(field.type)
+        except (pa.ArrowException, ValueError) as exc:
+            return f"column '{field.name}' is {column.type}, not {field.type} ({_first_line(exc)})"
+    return None
 
 
 def table_metadata(table: pa.Table) -> dict[str, str]:

@@ -65,8 +65,10 @@ def _tokenize_corpus(
 
     tokenizer = load_tokenizer(model_dir, bool(model_spec.get("trust_remote_code", False)))
     start_id = resolve_start_token(tokenizer, model_spec.get("start_token", "bos"), f"{model_key}.start_token")
+    # a method's own calibration corpus carries the config keys its errors should name (rules/common.smk)
+    source_key = str(corpus.get("config_key", "corpus"))
     evaluation, calibration = build_examples(
-        iter_documents(corpus),
+        iter_documents(corpus, source_key),
         tokenizer,
         seq_len=int(corpus["seq_len"]),
         n_examples=int(corpus["n_examples"]),
@@ -74,6 +76,8 @@ def _tokenize_corpus(
         seed=int(corpus["seed"]),
         start_token_id=start_id,
         corpus_name=str(corpus["name"]),
+        size_key=str(corpus.get("size_key", "corpus.n_examples")),
+        source_key=source_key,
     )
     meta = {
         "corpus": str(corpus["name"]),
@@ -103,9 +107,10 @@ def make_calibration_job(
 
 
 def _runtime(runtime: Mapping[str, Any]) -> tuple[str, Any, int]:
-    from qbreak.runtime import cpu_has_amx_bf16, torch_dtype
+    from qbreak.runtime import check_device, cpu_has_amx_bf16, torch_dtype
 
     device, name = str(runtime.get("device", "cpu")), str(runtime.get("dtype", "float32"))
+    check_device(device)
     if device == "cpu" and name == "float32" and cpu_has_amx_bf16():
         log.info("this CPU has AMX bfloat16 units: runtime.dtype: bfloat16 runs the model passes about 3x faster "
                  "(NLLs about 0.01 nats from float32's; README, Configuration)")
@@ -236,7 +241,9 @@ def quantize_job(
     """Quantize the FP model with config entry methods.<method> into `output` (calibration: None for
     data-free methods)."""
     from qbreak.quantize.run import quantize_model
+    from qbreak.runtime import check_device
 
+    check_device(device)
     quantize_model(method, entry, model_dir, calibration, output, device=device)
 
 

@@ -69,17 +69,72 @@ def locate_package_folder(package: str, distribution: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def validate_model_folder(folder: Path, key: str) -> list[Path]:
-    """Check a Hugging Face folder has config.json and safetensors weights; return its files."""
+# A tokenizer a Hugging Face folder can be loaded with: one of these files (tokenizer_config.json alone
+# is not one; transformers then fails with an unrelated message about sentencepiece or tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+
+
+def validate_model_folder(folder: Path, key: str, tokenizer: bool = True) -> list[Path]:
+    """Check a Hugging Face folder: a config.json object, readable safetensors weights (every shard
+    its index names, each header complete and its tensors inside the file) and, with `tokenizer`, a
+    tokenizer file; return its files. Each fault is one QbreakError naming `key` and the file."""
     if not folder.is_dir():
         raise QbreakError(f"config key {key}: model folder {folder} does not exist")
     if not (folder / "config.json").is_file():
         raise QbreakError(f"config key {key}: {folder} has no config.json")
-    if not list(folder.glob("*.safetensors")):
+    _read_json_object(folder / "config.json", key)
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
         pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
         extra = f" (found {pickles}: pickled weights are not loaded)" if pickles else ""
         raise QbreakError(f"config key {key}: {folder} has no *.safetensors weights{extra}")
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(_read_json_object(index, key).get("weight_map", {}).values()))
+        missing = [shard for shard in shards if not (folder / shard).is_file()]
+        if missing:
+            raise QbreakError(f"config key {key}: {index} names shards that are missing: {missing}")
+    for path in weights:
+        _check_safetensors(path, key)
+    if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise QbreakError(f"config key {key}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     return sorted(p for p in folder.iterdir() if p.is_file() and any(p.match(g) for g in HF_PATTERNS))
+
+
+def _read_json_object(path: Path, key: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        where = f"line {error.lineno}: {error.msg}" if isinstance(error, json.JSONDecodeError) else "not UTF-8"
+        raise QbreakError(f"config key {key}: {path} is not valid JSON ({where})") from None
+    if not isinstance(value, dict):
+        raise QbreakError(f"config key {key}: {path} holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def _check_safetensors(path: Path, key: str) -> None:
+    """The safetensors layout, read without torch: an 8-byte little-endian header length, a JSON header
+    whose tensors' data_offsets all end inside the file. A truncated or foreign file fails here, at
+    fetch time, instead of as a deserializing error in a later job."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise QbreakError(f"config key {key}: {path} is not a safetensors file (truncated or no header)")
+        try:
+            header = json.loads(f.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise QbreakError(f"config key {key}: {path} is not a safetensors file (its header is not JSON)") from None
+    data = size - 8 - length
+    ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__" and isinstance(t, dict)
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+    if len(ends) != len([name for name in header if name != "__metadata__"]):
+        raise QbreakError(f"config key {key}: {path} is not a safetensors file (a tensor without data_offsets)")
+    if ends and max(ends) > data:
+        raise QbreakError(
+            f"config key {key}: {path} is truncated: its tensors need {max(ends)} bytes of data, it has {data}"
+        )
 
 
 def _link_files(files: list[Path], dest: Path) -> None:
@@ -224,7 +279,7 @@ def load_model(
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
-    validate_model_folder(folder, str(folder))
+    validate_model_folder(folder, str(folder), tokenizer=False)
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype or torch.float32, use_safetensors=True, trust_remote_code=trust_remote_code
     )

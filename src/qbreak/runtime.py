@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import re
 import sys
 import threading
 from pathlib import Path
@@ -70,6 +71,24 @@ def _configure_torch(threads: int, seed: int | None) -> None:
         pass
     if seed is not None:
         torch.manual_seed(seed)
+
+
+def check_device(device: str) -> None:
+    """Stop with one line naming config key runtime.device unless it is cpu, or a CUDA device torch
+    sees on this machine (a job sent to a node without a GPU, or a typo such as 'gpu')."""
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise QbreakError(f"config key runtime.device: expected cpu, cuda or cuda:N, got {device!r}")
+    if device == "cpu":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise QbreakError(
+            f"config key runtime.device: {device} asked for, but torch {torch.__version__} sees no CUDA GPU here"
+        )
+    index, count = int(device.partition(":")[2] or 0), torch.cuda.device_count()
+    if index >= count:
+        raise QbreakError(f"config key runtime.device: {device} asked for, but only {count} GPU(s) here")
 
 
 def torch_dtype(name: str, device: str) -> torch.dtype:
