@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.qbreak-installed
 CORES ?= all
-# Another experiment: make run CONFIG=config/bundled-full.yaml (merged over config.yaml).
+# Another experiment: make run CONFIG=config/bundled-full.yaml (replaces config.yaml; Snakemake would
+# otherwise merge it over config.yaml, keeping the keys and methods it does not set).
 CONFIG ?= config.yaml
 
 .PHONY: install run test lint clean
@@ -24,8 +25,9 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: install
-	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default --configfile $(CONFIG)
-	$(BIN)/snakemake --cores 1 --workflow-profile profiles/default --configfile $(CONFIG) --report results/report.html
+	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default --configfile $(CONFIG) --replace-workflow-config
+	$(BIN)/snakemake --cores 1 --workflow-profile profiles/default --configfile $(CONFIG) --replace-workflow-config \
+		--report results/report.html
 	@echo "qbreak: report at $(CURDIR)/results/report.html (figures, tables, breaking examples, config)"
 
 test: install

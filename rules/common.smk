@@ -1,4 +1,5 @@
 # Config validation, wildcard constraints and input functions. No rules here.
+import os
 import re
 
 import yaml
@@ -11,13 +12,25 @@ from qbreak.config import (
     check_config_files,
     load_schema,
 )
+from qbreak.errors import QbreakError
 from qbreak.models import BUNDLED_MODELS, model_parameters
 from qbreak.provenance import source_hash
 
 # One clear line naming the bad key (or the config file's duplicated key) first, then Snakemake's
 # validation fills in the defaults.
 check_config_files(workflow.configfiles)
-check_config(config, load_schema(workflow.source_path("../schemas/config.schema.yaml")))
+try:
+    check_config(
+        config, load_schema(workflow.source_path("../schemas/config.schema.yaml"))
+    )
+except QbreakError as error:
+    # --configfile other.yaml without --replace-workflow-config merges it over config.yaml
+    files = sorted({os.path.abspath(f) for f in workflow.configfiles})
+    if len(files) > 1 and not workflow.config_settings.replace_workflow_config:
+        raise QbreakError(
+            f"{error} (the config merges {files}: add --replace-workflow-config to use only the last)"
+        ) from None
+    raise
 validate(config, schema="../schemas/config.schema.yaml")
 
 MODELS = list(config["models"])

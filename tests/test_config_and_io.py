@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 from pathlib import Path
 
@@ -71,6 +72,8 @@ def test_shared_calibration_corpus_with_one_source_is_fine() -> None:
     for method in ("gptq-w3-g64", "awq-w3-g64"):
         config["methods"][method]["calibration"] = {"name": "c4", "path": "/data/c4.txt"}
     check_config(config, SCHEMA)
+    config["methods"]["awq-w3-g64"]["calibration"].update(text_column="text", subset=None)  # the defaults, spelt out
+    check_config(config, SCHEMA)
 
 
 def test_every_method_key_of_the_schema_belongs_to_some_kind() -> None:
@@ -94,6 +97,22 @@ def test_a_key_given_twice_in_a_config_file_is_refused(tmp_path: Path, text: str
     assert str(info.value) == f"{path}: line {line}: key '{key}' given twice in one mapping"
 
 
+def test_config_files_with_merge_keys_or_tab_indented_json_are_read(tmp_path: Path) -> None:
+    merged = tmp_path / "merge.yaml"
+    merged.write_text("methods:\n  a: &a {kind: rtn, bits: 3}\n  b:\n    <<: *a\n    bits: 4\n")
+    tabs = tmp_path / "tabs.json"
+    tabs.write_text(json.dumps(DEFAULT, indent="\t"))
+    check_config_files([merged, tabs])
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"methods": {}, "methods": {}}')
+    with pytest.raises(QbreakError, match=r"twice\.json: key 'methods' given twice in one object$"):
+        check_config_files([twice])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("methods:\n  a: [1, 2\n")
+    with pytest.raises(QbreakError, match=r"broken\.yaml: line 3: not valid YAML \(expected ',' or '\]', but got"):
+        check_config_files([broken])
+
+
 def test_snakemake_refuses_a_method_given_twice(tmp_path: Path) -> None:
     text = yaml.safe_dump(DEFAULT, sort_keys=False)
     duplicate = "methods:\n  rtn-w3-g64:\n    kind: nf\n    bits: 4\n    group_size: 32\n"
@@ -101,6 +120,19 @@ def test_snakemake_refuses_a_method_given_twice(tmp_path: Path) -> None:
     proc = run_snakemake(tmp_path, "-n", "--cores", "1", check=False)
     assert proc.returncode != 0
     assert "config.yaml: line " in proc.stdout + proc.stderr and "key 'rtn-w3-g64' given twice" in proc.stdout + proc.stderr
+
+
+def test_another_config_file_replaces_config_yaml_as_the_readme_says(tmp_path: Path) -> None:
+    """README: `--configfile config/paper.yaml --replace-workflow-config`; without the flag Snakemake
+    merges paper.yaml over config.yaml (the Snakefile's configfile), and the run stops saying so."""
+    (tmp_path / "config.yaml").write_text((REPO / "config.yaml").read_text())
+    (tmp_path / "paper.yaml").write_text((REPO / "config" / "paper.yaml").read_text())
+    proc = run_snakemake(tmp_path, "-n", "--cores", "1", configfile="paper.yaml", check=False)
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "config key corpus: give exactly one source" in output and "add --replace-workflow-config" in output
+    proc = run_snakemake(tmp_path, "-n", "--cores", "1", "--replace-workflow-config", configfile="paper.yaml")
+    assert "model=llama-3-70b" in proc.stdout and "smollm2" not in proc.stdout
 
 
 def test_paper_config_builds_its_dag(tmp_path: Path) -> None:

@@ -102,7 +102,8 @@ def test_a_json_file_may_hold_one_array_of_objects(tmp_path: Path) -> None:
     rows = [{"text": "first document text", "id": "a"}, {"text": "second one"}]
     (tmp_path / "c.json").write_text(json.dumps(rows, indent=2))
     (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows))
-    for name in ("c.json", "lines.json"):
+    (tmp_path / "bom.json").write_text("\ufeff" + json.dumps(rows), encoding="utf-8")
+    for name in ("c.json", "lines.json", "bom.json"):
         got = [(d.doc_id, d.text) for d in iter_documents({"path": str(tmp_path / name)})]
         assert got == [("a", "first document text"), ("1", "second one")], name
 

@@ -7,8 +7,10 @@ page of schema dump. Snakemake's own `validate` then fills in the defaults.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -31,6 +33,10 @@ def load_schema(path: str | os.PathLike[str]) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
+# A corpus entry's optional source keys and their defaults (schemas/config.schema.yaml): two calibration
+# entries that differ only by spelling a default out name the same corpus.
+SOURCE_DEFAULTS: dict[str, Any] = {"subset": None, "split": "train", "text_column": "text", "max_documents": None}
+
 # Keys of a methods.<name> entry: those every kind takes, and each kind's own (the schema lists their
 # union; an option of another kind would be recorded in quant.json and silently ignored).
 METHOD_KEYS = frozenset({"kind", "bits", "group_size", "seed"})
@@ -50,6 +56,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
     seen: set[Any] = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged keys may be overridden
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise QbreakError(
@@ -62,15 +70,34 @@ def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 
 
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    twice = next((key for i, key in enumerate(keys) if key in keys[:i]), None)
+    if twice is not None:
+        raise QbreakError(f"key '{twice}' given twice in one object")
+    return dict(pairs)
+
+
 def check_config_files(paths: Iterable[str | os.PathLike[str]]) -> None:
-    """Raise QbreakError naming the file and line of a key given twice (Snakemake's loader keeps the
-    last, so a duplicated method or a second `methods:` block would replace the first unnoticed)."""
+    """Raise QbreakError naming the file (and line) of a key given twice: Snakemake's loader keeps the
+    last, so a duplicated method or a second `methods:` block would replace the first unnoticed.
+    JSON files are read as JSON first, as Snakemake does (JSON indented with tabs is not YAML)."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            try:
-                yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
-            except yaml.YAMLError as error:
-                raise QbreakError(f"{path}: not valid YAML ({str(error).splitlines()[0]})") from None
+        text = Path(path).read_text(encoding="utf-8")
+        try:
+            json.loads(text, object_pairs_hook=_unique_pairs)
+            continue
+        except json.JSONDecodeError:
+            pass  # YAML, below
+        except QbreakError as error:
+            raise QbreakError(f"{path}: {error}") from None
+        try:
+            yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+        except yaml.MarkedYAMLError as error:
+            line = f"line {error.problem_mark.line + 1}: " if error.problem_mark else ""
+            raise QbreakError(f"{path}: {line}not valid YAML ({error.problem})") from None
+        except QbreakError as error:
+            raise QbreakError(str(error).replace("<unicode string>", str(path), 1)) from None
 
 
 def check_config(config: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
@@ -124,7 +151,7 @@ def check_references(config: Mapping[str, Any]) -> None:
         key = f"methods.{name}.calibration.name"
         if calibration["name"] == corpus_name:
             raise QbreakError(f"config key {key}: '{corpus_name}' is the main corpus's name; choose another")
-        source = {k: v for k, v in calibration.items() if k != "name"}
+        source = {k: v for k, v in calibration.items() if k != "name" and SOURCE_DEFAULTS.get(k, ...) != v}
         first = sources.setdefault(calibration["name"], (name, source))
         if first[1] != source:
             raise QbreakError(

@@ -104,7 +104,7 @@ def _file_documents(path: Path, text_column: str, key: str = "corpus") -> Iterat
         if suffix == ".parquet":
             yield from _parquet_documents(path, text_column, key)
             return
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the text
             if suffix == ".txt":
                 for i, line in enumerate(f):
                     if line.strip():

@@ -45,7 +45,7 @@ BUNDLED_MODELS = {
     }
 }
 # Files a Hugging Face model folder needs besides its weights; anything else (pickles, ONNX, ...) is skipped.
-HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+HF_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 PROVENANCE_FILE = "qbreak_source.json"
 
 
@@ -69,9 +69,9 @@ def locate_package_folder(package: str, distribution: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-# A tokenizer a Hugging Face folder can be loaded with: one of these files (tokenizer_config.json alone
-# is not one; transformers then fails with an unrelated message about sentencepiece or tiktoken).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+# A tokenizer a Hugging Face folder can be loaded with: a file matching one of these (tokenizer_config.json
+# alone is not one; transformers then fails with an unrelated message about sentencepiece or tiktoken).
+TOKENIZER_FILES = ("tokenizer.json", "*.model", "vocab.json", "vocab.txt", "tekken.json", "*.tiktoken")
 
 
 def validate_model_folder(folder: Path, key: str, tokenizer: bool = True) -> list[Path]:
@@ -90,13 +90,16 @@ def validate_model_folder(folder: Path, key: str, tokenizer: bool = True) -> lis
         raise QbreakError(f"config key {key}: {folder} has no *.safetensors weights{extra}")
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(_read_json_object(index, key).get("weight_map", {}).values()))
+        weight_map = _read_json_object(index, key).get("weight_map", {})
+        if not isinstance(weight_map, dict):
+            raise QbreakError(f"config key {key}: {index} has no weight_map object")
+        shards = sorted({str(shard) for shard in weight_map.values()})
         missing = [shard for shard in shards if not (folder / shard).is_file()]
         if missing:
             raise QbreakError(f"config key {key}: {index} names shards that are missing: {missing}")
     for path in weights:
         _check_safetensors(path, key)
-    if tokenizer and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+    if tokenizer and not any(p.is_file() for pattern in TOKENIZER_FILES for p in folder.glob(pattern)):
         raise QbreakError(f"config key {key}: {folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
     return sorted(p for p in folder.iterdir() if p.is_file() and any(p.match(g) for g in HF_PATTERNS))
 
@@ -126,6 +129,8 @@ def _check_safetensors(path: Path, key: str) -> None:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise QbreakError(f"config key {key}: {path} is not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise QbreakError(f"config key {key}: {path} is not a safetensors file (its header is not a JSON object)")
     data = size - 8 - length
     ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__" and isinstance(t, dict)
             and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
