@@ -10,10 +10,11 @@ from qbreak.config import (
     CALIBRATED_KINDS,
     check_config,
     check_config_files,
+    check_layer_settings,
     load_schema,
 )
 from qbreak.errors import QbreakError
-from qbreak.models import BUNDLED_MODELS, model_parameters
+from qbreak.models import BUNDLED_MODELS, model_layers, model_parameters
 from qbreak.provenance import source_hash
 
 # One clear line naming the bad key (or the config file's duplicated key) first, then Snakemake's
@@ -32,6 +33,10 @@ except QbreakError as error:
         ) from None
     raise
 validate(config, schema="../schemas/config.schema.yaml")
+# Layer settings against each model whose config.json is already here (the jobs check again).
+for _name, _spec in config["models"].items():
+    if (_layers := model_layers(_spec)) is not None:
+        check_layer_settings(config, _name, _layers)
 
 MODELS = list(config["models"])
 CORPUS = config["corpus"]["name"]

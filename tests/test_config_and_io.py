@@ -135,6 +135,59 @@ def test_another_config_file_replaces_config_yaml_as_the_readme_says(tmp_path: P
     assert "model=llama-3-70b" in proc.stdout and "smollm2" not in proc.stdout
 
 
+@pytest.mark.parametrize(
+    ("section", "key", "values"),
+    [
+        ("residuals", "lens_layers", [[0, 1], [1], [2], [-1]]),  # against a real 2-layer model
+        ("patching", "sweep_layers", [[0, 11], [12], [-1]]),
+        ("residuals", "restore_ranges", [[[0, 11]], [[-3, -1]], [[-12, 11]], [[-13, 0]], [[5, 12]], [[6, 5]]]),
+        ("patching", "ranges", [[[0, 11]], [[-3, -1]], [[-13, 0]], [[5, 12]], [[6, 5]]]),
+    ],
+)
+def test_early_layer_check_refuses_what_the_jobs_refuse(section: str, key: str, values: list) -> None:  # noqa: ANN001
+    """check_layer_settings (before any job) accepts and refuses exactly what the jobs do once the
+    model is loaded (lens: layers 0..n-1; lens.parse_layer_ranges; patching.build_patches)."""
+    from qbreak.config import check_layer_settings
+    from qbreak.lens import LogitLensStatistic, parse_layer_ranges
+    from qbreak.patching import build_patches
+    from tests.conftest import make_tiny_llama
+
+    n_layers = 2 if key == "lens_layers" else 12
+
+    def lens_layers(layers: list[int]) -> None:  # checked when the lens attaches to the model
+        with LogitLensStatistic("m", "fp", layers).attach(make_tiny_llama()):
+            pass
+
+    job = {
+        "lens_layers": lens_layers,
+        "sweep_layers": lambda v: build_patches(n_layers, ["attn"], v, None),
+        "restore_ranges": lambda v: parse_layer_ranges(v, n_layers, "residuals.restore_ranges"),
+        "ranges": lambda v: build_patches(n_layers, ["attn"], None, v),
+    }[key]
+    refused = []
+    for value in values:
+        outcomes = []
+        for check in (lambda v: check_layer_settings({section: {key: v}}, "m", n_layers), job):
+            try:
+                check(value)
+                outcomes.append(True)
+            except QbreakError:
+                outcomes.append(False)
+        assert outcomes[0] == outcomes[1], (key, value, outcomes)
+        refused.append(not outcomes[0])
+    assert any(refused) and not all(refused)  # each key has cases of both kinds
+
+
+def test_a_layer_setting_beyond_the_model_stops_the_dry_run(tmp_path: Path) -> None:
+    config = copy.deepcopy(DEFAULT)
+    config["residuals"]["lens_layers"] = [5, 99]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = run_snakemake(tmp_path, "-n", "--cores", "1", check=False)
+    assert proc.returncode != 0
+    assert ("config key residuals.lens_layers: layer 99 is out of range (model smollm2-135m has layers 0..29)"
+            in proc.stdout + proc.stderr)
+
+
 def test_paper_config_builds_its_dag(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text((REPO / "config" / "paper.yaml").read_text())
     proc = run_snakemake(tmp_path, "-n", "--cores", "1")

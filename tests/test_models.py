@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qbreak.errors import QbreakError
-from qbreak.models import PROVENANCE_FILE, fetch_model, load_model
+from qbreak.models import BUNDLED_MODELS, PROVENANCE_FILE, fetch_model, load_model
 from tests.conftest import make_tiny_llama
 
 
@@ -37,6 +37,7 @@ def test_bundled_model_is_a_plain_safetensors_llama(bundled_model_dir: Path, bun
     assert not list(bundled_model_dir.glob("*.bin"))
     assert json.loads((bundled_model_dir / PROVENANCE_FILE).read_text())["source"] == "bundled"
     assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
+    assert BUNDLED_MODELS["smollm2-135m"]["layers"] == config["num_hidden_layers"]  # the dry run's layer check
     n_params = sum(p.numel() for p in bundled_model.parameters())  # tied lm_head counted once
     assert 134e6 < n_params < 135e6
 
@@ -115,6 +116,14 @@ def test_a_broken_model_folder_is_refused_at_fetch_naming_the_file(tmp_path: Pat
     text = str(info.value)
     assert "\n" not in text and text.startswith(f"config key models.broken.path: {folder}") and message in text
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))  # nothing half-written
+
+
+def test_model_layers_without_loading_the_model(tmp_path: Path) -> None:
+    from qbreak.models import model_layers
+
+    assert model_layers({"path": str(save_tiny(tmp_path / "src"))}) == make_tiny_llama().config.num_hidden_layers
+    assert model_layers({"bundled": "smollm2-135m"}) == 30  # SmolLM2-135M's config
+    assert model_layers({"path": str(tmp_path / "missing")}) is None  # fetch_model reports that
 
 
 def test_model_entry_needs_exactly_one_source(tmp_path: Path) -> None:

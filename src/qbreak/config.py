@@ -158,3 +158,24 @@ def check_references(config: Mapping[str, Any]) -> None:
                 f"config key {key}: '{calibration['name']}' names another source in methods.{first[0]}.calibration; "
                 "one name, one corpus"
             )
+
+
+def check_layer_settings(config: Mapping[str, Any], model: str, n_layers: int) -> None:
+    """Raise QbreakError naming the first layer setting outside model `model`'s `n_layers` decoder
+    layers: residuals.lens_layers and patching.sweep_layers (0..n-1), residuals.restore_ranges and
+    patching.ranges (inclusive [first, last], negative counts from the end). The jobs check the same
+    when they load the model (lens.parse_layer_ranges, patching.build_patches; a test keeps the rules
+    equal); this finds it before the first job, where config.json is already here."""
+    residuals, patching = config.get("residuals") or {}, config.get("patching") or {}
+    layers_of = f"model {model} has layers 0..{n_layers - 1}"
+    for key, layers in (("residuals.lens_layers", residuals.get("lens_layers")),
+                        ("patching.sweep_layers", patching.get("sweep_layers"))):
+        for layer in layers or []:
+            if not 0 <= layer < n_layers:
+                raise QbreakError(f"config key {key}: layer {layer} is out of range ({layers_of})")
+    for key, ranges in (("residuals.restore_ranges", residuals.get("restore_ranges")),
+                        ("patching.ranges", patching.get("ranges"))):
+        for entry in ranges or []:
+            first, last = (value + n_layers if value < 0 else value for value in entry)
+            if not 0 <= first <= last < n_layers:
+                raise QbreakError(f"config key {key}: range {list(entry)} is out of range ({layers_of})")

@@ -42,6 +42,7 @@ BUNDLED_MODELS = {
             "already sits on a 4-bit grid, so the errors of 4-bit methods are understated."
         ),
         "parameters": 134_515_008,
+        "layers": 30,
     }
 }
 # Files a Hugging Face model folder needs besides its weights; anything else (pickles, ONNX, ...) is skipped.
@@ -257,9 +258,28 @@ def model_parameters(spec: Mapping[str, Any]) -> int | None:
         return int(spec["parameters"])
     if spec.get("bundled") in BUNDLED_MODELS:
         return int(BUNDLED_MODELS[spec["bundled"]]["parameters"])
+    try:
+        config = local_model_config(spec)
+        return parameter_count(config) if config else None
+    except (KeyError, TypeError):
+        return None
+
+
+def model_layers(spec: Mapping[str, Any]) -> int | None:
+    """Decoder layers of config entry models.<name> without loading it (config.json's
+    num_hidden_layers); None when config.json is not on this machine yet."""
+    if spec.get("bundled") in BUNDLED_MODELS:
+        return int(BUNDLED_MODELS[spec["bundled"]]["layers"])
+    layers = (local_model_config(spec) or {}).get("num_hidden_layers")
+    return layers if isinstance(layers, int) else None
+
+
+def local_model_config(spec: Mapping[str, Any]) -> dict[str, Any] | None:
+    """config.json of a `path` model, or of an `hf` model already in the Hugging Face cache; None if
+    it is not here (or not readable: fetch_model reports that)."""
     config_file: str | None = None
     if spec.get("path"):
-        config_file = str(Path(spec["path"]) / "config.json")
+        config_file = str(Path(spec["path"]).expanduser() / "config.json")
     elif spec.get("hf"):
         try:
             from huggingface_hub import try_to_load_from_cache
@@ -268,9 +288,10 @@ def model_parameters(spec: Mapping[str, Any]) -> int | None:
         found = try_to_load_from_cache(spec["hf"], "config.json", revision=spec.get("revision"))
         config_file = found if isinstance(found, str) else None
     try:
-        return parameter_count(json.loads(Path(config_file).read_text())) if config_file else None
-    except (OSError, ValueError, KeyError, TypeError):
+        config = json.loads(Path(config_file).read_text()) if config_file else None
+    except (OSError, ValueError):
         return None
+    return config if isinstance(config, dict) else None
 
 
 def load_model(
