@@ -102,6 +102,8 @@ def _truncate(path: Path, keep: int) -> None:
         (lambda f: (f / "tokenizer.json").unlink(), "has no tokenizer (none of tokenizer.json, *.model, vocab.json"),
         (lambda f: (f / "model.safetensors").write_bytes(b"\x06" + b"\0" * 7 + b"[1, 2]"),
          "model.safetensors is not a safetensors file (its header is not a JSON object)"),
+        (lambda f: (f / "model.safetensors").write_bytes(b"\x21" + b"\0" * 7 + b'{"w": {"data_offsets": ["0", 4]}}'),
+         "model.safetensors is not a safetensors file (a tensor without integer data_offsets)"),
         (lambda f: (f / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-00002.safetensors"}}'),
          "model.safetensors.index.json names shards that are missing: ['model-00002.safetensors']"),
     ],

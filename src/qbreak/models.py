@@ -134,9 +134,10 @@ def _check_safetensors(path: Path, key: str) -> None:
         raise QbreakError(f"config key {key}: {path} is not a safetensors file (its header is not a JSON object)")
     data = size - 8 - length
     ends = [t["data_offsets"][1] for name, t in header.items() if name != "__metadata__" and isinstance(t, dict)
-            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2]
+            and isinstance(t.get("data_offsets"), list) and len(t["data_offsets"]) == 2
+            and all(isinstance(offset, int) for offset in t["data_offsets"])]
     if len(ends) != len([name for name in header if name != "__metadata__"]):
-        raise QbreakError(f"config key {key}: {path} is not a safetensors file (a tensor without data_offsets)")
+        raise QbreakError(f"config key {key}: {path} is not a safetensors file (a tensor without integer data_offsets)")
     if ends and max(ends) > data:
         raise QbreakError(
             f"config key {key}: {path} is truncated: its tensors need {max(ends)} bytes of data, it has {data}"
