@@ -1,8 +1,11 @@
 """Config checking with one-line messages that name the offending key.
 
-The JSON schema (schemas/config.schema.yaml) is the single source of truth; this turns the first
-schema violation into `config key corpus.seq_len: 'long' is not of type 'integer'` instead of a
-page of schema dump. Snakemake's own `validate` then fills in the defaults.
+The JSON schema (schemas/config.schema.yaml) is the single source of truth for keys, types and
+defaults; this turns the first schema violation into `config key corpus.seq_len: 'long' is not of
+type 'integer'` instead of a page of schema dump. Snakemake's own `validate` then fills in the
+defaults. What a schema cannot express is checked here too: a key given twice in a config file
+(`check_config_files`), settings that contradict each other (`check_references`), and layer
+settings against a model's depth (`check_layer_settings`).
 """
 
 from __future__ import annotations
