@@ -146,7 +146,7 @@ def test_another_config_file_replaces_config_yaml_as_the_readme_says(tmp_path: P
 )
 def test_early_layer_check_refuses_what_the_jobs_refuse(section: str, key: str, values: list) -> None:  # noqa: ANN001
     """check_layer_settings (before any job) accepts and refuses exactly what the jobs do once the
-    model is loaded (lens: layers 0..n-1; lens.parse_layer_ranges; patching.build_patches)."""
+    model is loaded (the lens attaching to a model, lens.parse_layer_ranges, patching.build_patches)."""
     from qbreak.config import check_layer_settings
     from qbreak.lens import LogitLensStatistic, parse_layer_ranges
     from qbreak.patching import build_patches
@@ -184,7 +184,7 @@ def test_a_layer_setting_beyond_the_model_stops_the_dry_run(tmp_path: Path) -> N
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     proc = run_snakemake(tmp_path, "-n", "--cores", "1", check=False)
     assert proc.returncode != 0
-    assert ("config key residuals.lens_layers: layer 99 is out of range (model smollm2-135m has layers 0..29)"
+    assert ("config key residuals.lens_layers: layer 99 is not within layers 0..29 (model smollm2-135m)"
             in proc.stdout + proc.stderr)
 
 

@@ -20,6 +20,7 @@ import jsonschema
 import yaml
 
 from qbreak.errors import QbreakError
+from qbreak.layers import check_layers, layer_range
 
 # Method kinds that read calibration data (the quantizers' `needs_calibration`, kept here without torch
 # so the Snakefile can wire inputs; a test checks the two agree).
@@ -165,20 +166,16 @@ def check_references(config: Mapping[str, Any]) -> None:
 
 def check_layer_settings(config: Mapping[str, Any], model: str, n_layers: int) -> None:
     """Raise QbreakError naming the first layer setting outside model `model`'s `n_layers` decoder
-    layers: residuals.lens_layers and patching.sweep_layers (0..n-1), residuals.restore_ranges and
-    patching.ranges (inclusive [first, last], negative counts from the end). The jobs check the same
-    when they load the model (lens.parse_layer_ranges, patching.build_patches; a test keeps the rules
-    equal); this finds it before the first job, where config.json is already here."""
+    layers (residuals.lens_layers, patching.sweep_layers, residuals.restore_ranges, patching.ranges),
+    by the rules the jobs apply when they load the model (`qbreak.layers`), but before the first job,
+    where config.json is already here."""
     residuals, patching = config.get("residuals") or {}, config.get("patching") or {}
-    layers_of = f"model {model} has layers 0..{n_layers - 1}"
-    for key, layers in (("residuals.lens_layers", residuals.get("lens_layers")),
-                        ("patching.sweep_layers", patching.get("sweep_layers"))):
-        for layer in layers or []:
-            if not 0 <= layer < n_layers:
-                raise QbreakError(f"config key {key}: layer {layer} is out of range ({layers_of})")
-    for key, ranges in (("residuals.restore_ranges", residuals.get("restore_ranges")),
-                        ("patching.ranges", patching.get("ranges"))):
-        for entry in ranges or []:
-            first, last = (value + n_layers if value < 0 else value for value in entry)
-            if not 0 <= first <= last < n_layers:
-                raise QbreakError(f"config key {key}: range {list(entry)} is out of range ({layers_of})")
+    try:
+        check_layers(residuals.get("lens_layers") or [], n_layers, "residuals.lens_layers")
+        check_layers(patching.get("sweep_layers") or [], n_layers, "patching.sweep_layers")
+        for entry in residuals.get("restore_ranges") or []:
+            layer_range(entry, n_layers, "residuals.restore_ranges")
+        for entry in patching.get("ranges") or []:
+            layer_range(entry, n_layers, "patching.ranges")
+    except QbreakError as error:
+        raise QbreakError(f"{error} (model {model})") from None

@@ -19,6 +19,7 @@ import torch
 from qbreak.errors import QbreakError
 from qbreak.hooks import decoder_layers, hooks
 from qbreak.io import LENS_SCHEMA, RESTORE_SCHEMA
+from qbreak.layers import check_layers, layer_range
 from qbreak.nll import ScoredPositions, has_plain_lm_head, per_example_nll, token_nll
 from qbreak.passes import Batch, LayerRows, PerForward, iter_batches, run_pass
 
@@ -54,8 +55,7 @@ class LogitLensStatistic:
             raise QbreakError(f"{type(model).__name__}: the logit lens needs logits = lm_head(final norm(h))")
         n_layers = len(decoder_layers(model))
         layers = list(range(n_layers)) if self.layers is None else self.layers
-        if any(not 0 <= layer < n_layers for layer in layers):
-            raise QbreakError(f"config key residuals.lens_layers: layers must be in 0..{n_layers - 1}, got {layers}")
+        check_layers(layers, n_layers, "residuals.lens_layers")
         norm = model.get_decoder().norm
         head = model.get_output_embeddings()
         fns = {(layer, "block_out"): self._decoder(layer, norm, head) for layer in layers}
@@ -112,11 +112,7 @@ def parse_layer_ranges(ranges: Sequence[Sequence[int]] | None, n_layers: int, ke
         ranges = [[first, n_layers - 1]]
     out: dict[str, list[int]] = {}
     for entry in ranges:
-        if len(entry) != 2:
-            raise QbreakError(f"config key {key}: each range is [first, last], got {list(entry)}")
-        first, last = (value + n_layers if value < 0 else value for value in entry)
-        if not 0 <= first <= last < n_layers:
-            raise QbreakError(f"config key {key}: range {list(entry)} is not within layers 0..{n_layers - 1}")
+        first, last = layer_range(entry, n_layers, key)
         out[f"{first}-{last}"] = list(range(first, last + 1))
     return out
 

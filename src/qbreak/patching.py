@@ -40,6 +40,7 @@ import torch
 from qbreak.errors import QbreakError
 from qbreak.hooks import HookFn, ThreadHooks, decoder_layers, hooks
 from qbreak.io import PATCHING_SCHEMA
+from qbreak.layers import check_layers, layer_range
 from qbreak.nll import batch_nll
 from qbreak.passes import Batch, default_streams, final_hidden_state, iter_batches, stream_pool
 from qbreak.runtime import ensure_default_float_environment
@@ -103,16 +104,13 @@ def build_patches(
     patches = [Patch("none", (), "none")]
     half = upper_half(n_layers)
     spans = {f"{half[0]}-{half[-1]}": half}
-    for first, last in ranges or []:
-        first, last = (v + n_layers if v < 0 else v for v in (first, last))
-        if not 0 <= first <= last < n_layers:
-            raise QbreakError(f"config key patching.ranges: [{first}, {last}] is not within layers 0..{n_layers - 1}")
+    for entry in ranges or []:
+        first, last = layer_range(entry, n_layers, "patching.ranges")
         spans[f"{first}-{last}"] = tuple(range(first, last + 1))
     for site in sites:
         patches += [Patch(site, layers, label) for label, layers in spans.items()]
+    check_layers(sweep_layers or [], n_layers, "patching.sweep_layers")
     for layer in sweep_layers or []:
-        if not 0 <= layer < n_layers:
-            raise QbreakError(f"config key patching.sweep_layers: {layer} is not within 0..{n_layers - 1}")
         patches += [Patch(site, (layer,), str(layer)) for site in sites if site != "resid"]
     patches += [Patch(site, half, f"{half[0]}-{half[-1]}") for site in weight_sites]
     return patches
