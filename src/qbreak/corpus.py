@@ -27,7 +27,7 @@ from typing import Any, TextIO
 import numpy as np
 import pyarrow as pa
 
-from qbreak.errors import QbreakError
+from qbreak.errors import QbreakError, first_line
 from qbreak.io import EXAMPLES_SCHEMA
 from qbreak.models import locate_package_folder
 
@@ -168,8 +168,7 @@ def _parquet_documents(path: Path, text_column: str, key: str) -> Iterator[Docum
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise QbreakError(f"config key {key}.path: {path} is not a readable Parquet file ({first})") from None
+        raise QbreakError(f"config key {key}.path: {path} is not a readable Parquet file ({first_line(error)})") from None
     if text_column not in table.column_names:
         raise QbreakError(f"{path}: no column '{text_column}' ({key}.text_column)")
     ids = table["id"].to_pylist() if "id" in table.column_names else range(table.num_rows)

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from qbreak import __version__
-from qbreak.errors import QbreakError
+from qbreak.errors import QbreakError, first_line
 
 EXAMPLES_SCHEMA = pa.schema(
     [
@@ -144,13 +144,9 @@ def read_table(path: str | os.PathLike[str], schema: pa.Schema | None = None) ->
         try:
             cast = table.select(schema.names).cast(schema)
         except (pa.ArrowException, ValueError) as exc:
-            raise QbreakError(f"{path}: {_cast_fault(table, schema) or _first_line(exc)}") from None
+            raise QbreakError(f"{path}: {_cast_fault(table, schema) or first_line(exc)}") from None
         table = cast.replace_schema_metadata(table.schema.metadata)
     return table
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).splitlines() or [type(exc).__name__])[0]
 
 
 def _cast_fault(table: pa.Table, schema: pa.Schema) -> str | None:
@@ -162,7 +158,7 @@ def _cast_fault(table: pa.Table, schema: pa.Schema) -> str | None:
         try:
             column.cast(field.type)
         except (pa.ArrowException, ValueError) as exc:
-            return f"column '{field.name}' is {column.type}, not {field.type} ({_first_line(exc)})"
+            return f"column '{field.name}' is {column.type}, not {field.type} ({first_line(exc)})"
     return None
 
 
