@@ -18,25 +18,29 @@ from qbreak.models import BUNDLED_MODELS, model_layers, model_parameters
 from qbreak.provenance import source_hash
 
 # One clear line naming the bad key (or the config file's duplicated key) first, then Snakemake's
-# validation fills in the defaults.
-check_config_files(workflow.configfiles)
+# validation fills in the defaults. A config error ends the run as "qbreak error: ..." alone, like
+# a job's (SystemExit: Snakemake prints its message without a traceback), exit status 1.
 try:
-    check_config(
-        config, load_schema(workflow.source_path("../schemas/config.schema.yaml"))
-    )
+    check_config_files(workflow.configfiles)
+    try:
+        check_config(
+            config, load_schema(workflow.source_path("../schemas/config.schema.yaml"))
+        )
+    except QbreakError as error:
+        # --configfile other.yaml without --replace-workflow-config merges it over config.yaml
+        files = sorted({os.path.abspath(f) for f in workflow.configfiles})
+        if len(files) > 1 and not workflow.config_settings.replace_workflow_config:
+            raise QbreakError(
+                f"{error} (the config merges {files}: add --replace-workflow-config to use only the last)"
+            ) from None
+        raise
+    validate(config, schema="../schemas/config.schema.yaml")
+    # Layer settings against each model whose config.json is already here (the jobs check again).
+    for _name, _spec in config["models"].items():
+        if (_layers := model_layers(_spec)) is not None:
+            check_layer_settings(config, _name, _layers)
 except QbreakError as error:
-    # --configfile other.yaml without --replace-workflow-config merges it over config.yaml
-    files = sorted({os.path.abspath(f) for f in workflow.configfiles})
-    if len(files) > 1 and not workflow.config_settings.replace_workflow_config:
-        raise QbreakError(
-            f"{error} (the config merges {files}: add --replace-workflow-config to use only the last)"
-        ) from None
-    raise
-validate(config, schema="../schemas/config.schema.yaml")
-# Layer settings against each model whose config.json is already here (the jobs check again).
-for _name, _spec in config["models"].items():
-    if (_layers := model_layers(_spec)) is not None:
-        check_layer_settings(config, _name, _layers)
+    raise SystemExit(f"qbreak error: {error}") from None
 
 MODELS = list(config["models"])
 CORPUS = config["corpus"]["name"]

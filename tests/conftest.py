@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -194,6 +195,17 @@ def run_snakemake(
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def config_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """The message of a run that stopped on a config error while the Snakefile loads: exit status 1
+    and one line "qbreak error: ...", with no traceback or Snakemake frame around it (Snakemake's
+    own notes, such as "Using workflow specific profile", may come before it)."""
+    lines = (proc.stdout + proc.stderr).splitlines()
+    errors = [line for line in lines if line.startswith("qbreak error: ")]
+    frames = [line for line in lines if re.search(r'^\s*File "|Traceback|Error in file', line)]
+    assert proc.returncode == 1 and len(errors) == 1 and not frames, lines
+    return errors[0].removeprefix("qbreak error: ")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import yaml
 
 from qbreak.errors import QbreakError
 from qbreak.io import atomic_path
-from tests.conftest import REPO, SNAKEMAKE, make_tiny_llama, run_snakemake, tiny_workflow_config
+from tests.conftest import REPO, SNAKEMAKE, config_error, make_tiny_llama, run_snakemake, tiny_workflow_config
 
 
 def test_leftovers_of_a_killed_writer_are_removed_by_the_next_write(tmp_path: Path) -> None:
@@ -103,8 +103,7 @@ def test_bad_config_stops_the_workflow_before_any_job(
     edit(config)
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     proc = run_snakemake(tmp_path, "--cores", "1", check=False)
-    assert proc.returncode != 0
-    assert [line for line in (proc.stdout + proc.stderr).splitlines() if f"config key {message}" in line], proc.stderr
+    assert config_error(proc).startswith(f"config key {message}")
     assert not (tmp_path / "results").exists()
 
 
