@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 
 import numpy as np
 import pyarrow as pa
@@ -147,13 +148,42 @@ def test_amplification_compares_mlps_on_the_same_input(pair: tuple[torch.nn.Modu
     # manual check: layer 0, first example
     row = examples.column("input_ids")[0].as_py()
     captured: dict[str, torch.Tensor] = {}
-    with torch.no_grad(), hooks(fp, {(0, "post_norm"): capture(captured, "h")}):
+    with torch.no_grad(), hooks(fp, {(0, "pre_norm"): capture(captured, "r")}):
         fp(torch.tensor([row]))
-        h = captured["h"][0, 1:]
-        expected = (decoder_layers(q)[0].mlp(h) - decoder_layers(fp)[0].mlp(h)).pow(2).mean().item()
+        r = captured["r"][0, 1:]
+        fp_layer, q_layer = decoder_layers(fp)[0], decoder_layers(q)[0]
+        y_q = q_layer.mlp(q_layer.post_attention_layernorm(r))
+        expected = (y_q - fp_layer.mlp(fp_layer.post_attention_layernorm(r))).pow(2).mean().item()
     data = result.to_pydict()
     k = next(k for k in range(result.num_rows) if data["example_id"][k] == 100 and data["layer"][k] == 0)
     assert data["mlp_mse"][k] == pytest.approx(expected, rel=1e-4)
+
+
+def test_amplification_is_zero_for_a_scale_fold_that_keeps_the_function(
+    pair: tuple[torch.nn.Module, torch.nn.Module],
+) -> None:
+    """AWQ folds per-channel scales s into the model: the MLP's RMSNorm γ / s, gate and up input
+    columns · s. Without quantization that is the same function, so the amplification (what the
+    quantized weights do to the MLP's output) must be 0, not the fold's change of the MLP's input."""
+    fp, _ = pair
+    folded = copy.deepcopy(fp)
+    generator = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for layer in decoder_layers(folded):
+            s = 0.5 + 1.5 * torch.rand(layer.post_attention_layernorm.weight.shape, generator=generator)
+            layer.post_attention_layernorm.weight.div_(s)
+            layer.mlp.gate_proj.weight.mul_(s)
+            layer.mlp.up_proj.weight.mul_(s)
+    examples = _examples(n=4)
+    amplification = AmplificationStatistic("tiny", "awq-fold", folded)
+    residuals = ResidualStatistic("tiny", "awq-fold")
+    # the folded model's own residual statistics run beside it and must not see the FP residuals
+    run_pair_pass(fp, folded, iter_batches(examples, 3), [], fp_statistics=[amplification], q_statistics=[residuals])
+    result = amplification.result()
+    relative = result.column("mlp_mse").to_numpy() / result.column("mlp_power").to_numpy()
+    assert relative.max() < 1e-10
+    alone = _residual_table(folded, examples, 3)
+    np.testing.assert_array_equal(residuals.result().column("norm").to_numpy(), alone.column("norm").to_numpy())
 
 
 def test_pair_pass_feeds_observers_of_each_model(pair: tuple[torch.nn.Module, torch.nn.Module]) -> None:

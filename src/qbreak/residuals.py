@@ -117,8 +117,8 @@ class ResidualStatistic:
 
 @dataclass
 class _AmplificationForward:
-    """What the hooks of one FP forward gather: each layer's FP MLP input until its output comes,
-    then the layer's per-example (mse, power)."""
+    """What the hooks of one FP forward gather: each layer's FP residual before the MLP's RMSNorm
+    until the MLP's output comes, then the layer's per-example (mse, power)."""
 
     mask: torch.Tensor
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -126,12 +126,18 @@ class _AmplificationForward:
 
 
 class AmplificationStatistic:
-    """Attached to the FP model: each layer's quantized MLP applied to the FP MLP input, vs the FP MLP.
+    """Attached to the FP model: each layer's quantized MLP block applied to the FP residual, vs FP's.
 
-    Per example and layer: the mean over tokens of the mean squared difference between the two MLP
-    outputs (same input, so it isolates what the quantized weights do to it) and the mean squared
-    FP MLP output (for a relative error). The paper links the first to the post-norm magnitude.
-    Stream-safe: each forward's hooks fill their own `_AmplificationForward`.
+    The block is the MLP with the RMSNorm before it (post_attention_layernorm), both the quantized
+    model's: methods that fold scales into the model (AWQ divides that norm's γ by s and multiplies
+    gate/up's input columns by s) keep the block's function but not the MLP's input basis, so the
+    quantized MLP alone on the FP MLP input would measure the fold, not the quantization. For the
+    other methods the norm is FP's and this is the quantized MLP on the FP MLP input.
+
+    Per example and layer: the mean over tokens of the mean squared difference between the two
+    blocks' outputs (same residual, so it isolates what the quantized weights do to it) and the
+    mean squared FP MLP output (for a relative error). The paper links the first to the post-norm
+    magnitude. Stream-safe: each forward's hooks fill their own `_AmplificationForward`.
     """
 
     stream_safe = True
@@ -149,7 +155,7 @@ class AmplificationStatistic:
             raise ValueError(f"FP model has {n_layers} layers, the quantized one {len(self.q_layers)}")
         fns = {}
         for layer in range(n_layers):
-            fns[(layer, "post_norm")] = self._keep_input(layer)
+            fns[(layer, "pre_norm")] = self._keep_input(layer)
             fns[(layer, "down")] = self._compare_output(layer)
         with hooks(model, fns):
             yield
@@ -176,10 +182,13 @@ class AmplificationStatistic:
 
     @torch.inference_mode()
     def _compare_mlps(
-        self, layer: int, x_fp: torch.Tensor, y_fp: torch.Tensor, mask: torch.Tensor
+        self, layer: int, r_fp: torch.Tensor, y_fp: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example mean squared (quantized MLP(x_fp) − y_fp) and mean squared y_fp, float64 [batch]."""
-        y_q = self.q_layers[layer].mlp(x_fp)
+        """Per-example mean squared (quantized MLP(norm(r_fp)) − y_fp) and mean squared y_fp, float64 [batch]."""
+        q_layer = self.q_layers[layer]
+        # .forward: the quantized model's own pre_norm / post_norm hooks (its residual statistics)
+        # must not see this FP residual
+        y_q = q_layer.mlp(q_layer.post_attention_layernorm.forward(r_fp))
         weights = mask.to(torch.float64)
         count = weights.sum(dim=1).clamp_min(1.0)
         mse = (y_q.float() - y_fp.float()).pow(2).mean(dim=-1).double()
