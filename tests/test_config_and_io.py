@@ -36,6 +36,8 @@ def test_shipped_configs_are_valid(path: str) -> None:
         (lambda c: c["models"]["smollm2-135m"].update(path="/x"), "config key models.smollm2-135m: give exactly one"),
         (lambda c: c["corpus"].pop("bundled"), "config key corpus: give exactly one source"),
         (lambda c: c["runtime"].update(device="gpu"), "config key runtime.device: 'gpu' does not match"),
+        (lambda c: c["methods"]["gptq-w3-g64"].update(actorder="group"),
+         "config key methods.gptq-w3-g64.actorder: 'group' is not one of ['static', 'weight', None]"),
         # cross-references the schema cannot express (config.check_references)
         (lambda c: c["methods"]["rtn-w3-g64"].update(damping=0.1),
          "config key methods.rtn-w3-g64.damping: not an option of kind rtn (its options: bits, group_size, kind, seed, symmetric)"),

@@ -109,6 +109,12 @@ def test_every_method_leaves_decoder_weights_on_a_grid(kind: str, bits: int) -> 
     assert set(model.state_dict()) == set(reference.state_dict())
 
 
+@pytest.mark.parametrize("actorder", ["weight", None])
+def test_gptq_activation_orderings_the_schema_allows_stay_on_the_grid(actorder: str | None) -> None:
+    model, _ = quantized_copy("gptq", 3, actorder=actorder)
+    assert max(distinct_per_group(linear.weight, 32) for linear in decoder_linears(model).values()) <= 2**3
+
+
 @pytest.mark.parametrize(("kind", "bits"), FAST_METHODS + CALIBRATED_METHODS)
 def test_quantizing_twice_with_the_same_seed_is_bit_identical(kind: str, bits: int) -> None:
     options = {"n_grid": 4} if kind == "awq" else {}

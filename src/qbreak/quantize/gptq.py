@@ -11,7 +11,7 @@ from qbreak.quantize.oneshot import quantization_scheme, run_oneshot
 
 
 class GPTQ:
-    """Options: damping (dampening_frac, default 0.01), block_size (128), actorder (static | null)."""
+    """Options: damping (dampening_frac, default 0.01), block_size (128), actorder (static | weight | null)."""
 
     supported_bits: ClassVar[tuple[int, ...]] = (2, 3, 4, 8)
     needs_calibration: ClassVar[bool] = True
