@@ -10,11 +10,17 @@ from qbreak.config import (
     CALIBRATED_KINDS,
     check_config,
     check_config_files,
+    check_group_sizes,
     check_layer_settings,
     load_schema,
 )
 from qbreak.errors import QbreakError
-from qbreak.models import BUNDLED_MODELS, model_layers, model_parameters
+from qbreak.models import (
+    BUNDLED_MODELS,
+    model_layers,
+    model_linear_widths,
+    model_parameters,
+)
 from qbreak.provenance import source_hash
 
 # One clear line naming the bad key (or the config file's duplicated key) first, then Snakemake's
@@ -35,10 +41,13 @@ try:
             ) from None
         raise
     validate(config, schema="../schemas/config.schema.yaml")
-    # Layer settings against each model whose config.json is already here (the jobs check again).
+    # Layer settings and group sizes against each model whose config.json is already here (the
+    # jobs check again).
     for _name, _spec in config["models"].items():
         if (_layers := model_layers(_spec)) is not None:
             check_layer_settings(config, _name, _layers)
+        if (_widths := model_linear_widths(_spec)) is not None:
+            check_group_sizes(config, _name, _widths)
 except QbreakError as error:
     raise SystemExit(f"qbreak error: {error}") from None
 

@@ -187,6 +187,20 @@ def test_a_layer_setting_beyond_the_model_stops_the_dry_run(tmp_path: Path) -> N
             == "config key residuals.lens_layers: layer 99 is not within layers 0..29 (model smollm2-135m)")
 
 
+def test_a_group_size_that_does_not_divide_a_width_stops_the_dry_run(tmp_path: Path) -> None:
+    """SmolLM2-135M's Linears take 576 (hidden, attention) or 1536 (MLP) inputs."""
+    config = copy.deepcopy(DEFAULT)
+    for group, width, source in ((100, 576, "hidden_size"), (144, 1536, "intermediate_size")):
+        config["methods"]["rtn-w3-g64"]["group_size"] = group
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+        proc = run_snakemake(tmp_path, "-n", "--cores", "1", check=False)
+        assert config_error(proc) == (f"config key methods.rtn-w3-g64.group_size: {group} does not divide the "
+                                      f"input width {width} ({source}) of model smollm2-135m")
+    config["methods"]["rtn-w3-g64"]["group_size"] = 192  # divides both
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    run_snakemake(tmp_path, "-n", "--cores", "1")
+
+
 def test_paper_config_builds_its_dag(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text((REPO / "config" / "paper.yaml").read_text())
     proc = run_snakemake(tmp_path, "-n", "--cores", "1")

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qbreak.errors import QbreakError
-from qbreak.models import BUNDLED_MODELS, PROVENANCE_FILE, fetch_model, load_model
+from qbreak.models import BUNDLED_MODELS, PROVENANCE_FILE, fetch_model, load_model, model_linear_widths
+from qbreak.quantize.base import decoder_linears
 from tests.conftest import make_tiny_llama
 
 
@@ -38,6 +39,10 @@ def test_bundled_model_is_a_plain_safetensors_llama(bundled_model_dir: Path, bun
     assert json.loads((bundled_model_dir / PROVENANCE_FILE).read_text())["source"] == "bundled"
     assert config["num_hidden_layers"] == 30 and config["hidden_size"] == 576
     assert BUNDLED_MODELS["smollm2-135m"]["layers"] == config["num_hidden_layers"]  # the dry run's layer check
+    # the dry run's group-size check: the bundled entry's widths are the real model's Linear input widths
+    widths = BUNDLED_MODELS["smollm2-135m"]["linear_widths"]
+    assert widths == model_linear_widths({"path": str(bundled_model_dir)})
+    assert set(widths.values()) == {linear.in_features for linear in decoder_linears(bundled_model).values()}
     n_params = sum(p.numel() for p in bundled_model.parameters())  # tied lm_head counted once
     assert 134e6 < n_params < 135e6
 
@@ -126,6 +131,14 @@ def test_model_layers_without_loading_the_model(tmp_path: Path) -> None:
     assert model_layers({"path": str(save_tiny(tmp_path / "src"))}) == make_tiny_llama().config.num_hidden_layers
     assert model_layers({"bundled": "smollm2-135m"}) == 30  # SmolLM2-135M's config
     assert model_layers({"path": str(tmp_path / "missing")}) is None  # fetch_model reports that
+
+
+def test_model_linear_widths_are_the_decoder_linears_input_widths(tmp_path: Path) -> None:
+    model = make_tiny_llama()
+    widths = model_linear_widths({"path": str(save_tiny(tmp_path / "src"))})
+    assert widths is not None and set(widths) == {"hidden_size", "intermediate_size", "num_attention_heads × head_dim"}
+    assert set(widths.values()) == {linear.in_features for linear in decoder_linears(model).values()}
+    assert model_linear_widths({"path": str(tmp_path / "missing")}) is None
 
 
 def test_model_entry_needs_exactly_one_source(tmp_path: Path) -> None:

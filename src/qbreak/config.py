@@ -5,7 +5,8 @@ defaults; this turns the first schema violation into `config key corpus.seq_len:
 type 'integer'` instead of a page of schema dump. Snakemake's own `validate` then fills in the
 defaults. What a schema cannot express is checked here too: a key given twice in a config file
 (`check_config_files`), settings that contradict each other (`check_references`), and layer
-settings against a model's depth (`check_layer_settings`).
+settings against a model's depth (`check_layer_settings`), and group sizes against its Linear
+widths (`check_group_sizes`).
 """
 
 from __future__ import annotations
@@ -179,3 +180,17 @@ def check_layer_settings(config: Mapping[str, Any], model: str, n_layers: int) -
             layer_range(entry, n_layers, "patching.ranges")
     except QbreakError as error:
         raise QbreakError(f"{error} (model {model})") from None
+
+
+def check_group_sizes(config: Mapping[str, Any], model: str, widths: Mapping[str, int]) -> None:
+    """Raise QbreakError naming the first method whose group size does not divide one of model
+    `model`'s Linear input widths (`models.model_linear_widths`), before the first job, where
+    config.json is already here; the quantize job checks every layer of the loaded model again."""
+    for name, entry in (config.get("methods") or {}).items():
+        group = entry.get("group_size")
+        for source, width in widths.items():
+            if isinstance(group, int) and group > 0 and width % group:
+                raise QbreakError(
+                    f"config key methods.{name}.group_size: {group} does not divide the input width "
+                    f"{width} ({source}) of model {model}"
+                )

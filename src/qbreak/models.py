@@ -43,6 +43,7 @@ BUNDLED_MODELS = {
         ),
         "parameters": 134_515_008,
         "layers": 30,
+        "linear_widths": {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads × head_dim": 576},
     }
 }
 # Files a Hugging Face model folder needs besides its weights; anything else (pickles, ONNX, ...) is skipped.
@@ -273,6 +274,25 @@ def model_layers(spec: Mapping[str, Any]) -> int | None:
         return int(BUNDLED_MODELS[spec["bundled"]]["layers"])
     layers = (local_model_config(spec) or {}).get("num_hidden_layers")
     return layers if isinstance(layers, int) else None
+
+
+def model_linear_widths(spec: Mapping[str, Any]) -> dict[str, int] | None:
+    """The input widths of a Llama-style model's decoder Linears, by the config.json keys they come
+    from (q/k/v/gate/up: hidden_size; down: intermediate_size; o: attention heads × head_dim), without
+    loading it; None when config.json is not on this machine yet or has no hidden_size."""
+    if spec.get("bundled") in BUNDLED_MODELS:
+        return dict(BUNDLED_MODELS[spec["bundled"]]["linear_widths"])
+    config = local_model_config(spec) or {}
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if not isinstance(hidden, int):
+        return None
+    widths = {"hidden_size": hidden}
+    if isinstance(config.get("intermediate_size"), int):
+        widths["intermediate_size"] = config["intermediate_size"]
+    if isinstance(heads, int) and heads > 0:
+        head_dim = config.get("head_dim")
+        widths["num_attention_heads × head_dim"] = heads * (head_dim if isinstance(head_dim, int) else hidden // heads)
+    return widths
 
 
 def local_model_config(spec: Mapping[str, Any]) -> dict[str, Any] | None:
