@@ -214,5 +214,6 @@ def tiny_run(bundled_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     (which only read it, or leave it up to date)."""
     workdir = tmp_path_factory.mktemp("workflow")
     (workdir / "config.yaml").write_text(yaml.safe_dump(tiny_workflow_config(bundled_model_dir)))
-    run_snakemake(workdir, "--cores", "2")
+    proc = run_snakemake(workdir, "--cores", "2")
+    (workdir / "snakemake.out").write_text(proc.stdout + proc.stderr)  # what the terminal showed
     return workdir

@@ -2,7 +2,8 @@
 
 import sys
 
-sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
+# llm-compressor logs to stdout (hundreds of lines per GPTQ or AWQ run): into the job's log as well
+sys.stdout = sys.stderr = open(snakemake.log[0], "w", buffering=1)  # noqa: F821 (snakemake is injected)
 
 from qbreak.jobs import quantize_job, run_job  # noqa: E402
 
