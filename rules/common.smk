@@ -8,6 +8,7 @@ from snakemake.utils import validate
 
 from qbreak.config import (
     CALIBRATED_KINDS,
+    canonical_order,
     check_config,
     check_config_files,
     check_group_sizes,
@@ -41,6 +42,10 @@ try:
             ) from None
         raise
     validate(config, schema="../schemas/config.schema.yaml")
+    # keys in one order, whatever the file's, so that params compare equal across reorderings
+    _canonical = canonical_order(config)
+    config.clear()
+    config.update(_canonical)
     # Layer settings and group sizes against each model whose config.json is already here (the
     # jobs check again).
     for _name, _spec in config["models"].items():

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from qbreak import __version__
-from qbreak.config import KIND_KEYS, METHOD_KEYS, check_config, check_config_files, load_schema
+from qbreak.config import KIND_KEYS, METHOD_KEYS, canonical_order, check_config, check_config_files, load_schema
 from qbreak.errors import QbreakError
 from qbreak.io import NLL_SCHEMA, atomic_path, read_table, table_metadata, write_table
 from tests.conftest import REPO, config_error, run_snakemake
@@ -58,6 +58,19 @@ def test_config_errors_name_the_key(edit, expected: str) -> None:
     with pytest.raises(QbreakError) as info:
         check_config(config, SCHEMA)
     assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_canonical_order_sorts_every_mapping_but_the_runs_models_and_methods() -> None:
+    config = {"runtime": {"dtype": "float32", "device": "cpu"},
+              "methods": {"z-rtn": {"kind": "rtn", "bits": 3, "calibration": {"path": "c", "name": "n"}},
+                          "a-nf": {"kind": "nf", "bits": 4}},
+              "corpus": {"seq_len": 8, "bundled": "x"}}
+    canonical = canonical_order(config)
+    assert list(canonical) == ["corpus", "methods", "runtime"]
+    assert list(canonical["methods"]) == ["z-rtn", "a-nf"]  # the runs' order
+    assert list(canonical["methods"]["z-rtn"]) == ["bits", "calibration", "kind"]
+    assert list(canonical["methods"]["z-rtn"]["calibration"]) == ["name", "path"]
+    assert list(canonical["runtime"]) == ["device", "dtype"] and canonical == config
 
 
 def test_snakemake_refuses_a_config_typo_naming_the_key(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import warnings
 from pathlib import Path
@@ -96,6 +97,13 @@ def test_quantized_models_and_errors(tiny_run: Path) -> None:
     assert rtn3.mean() > 0.05  # 3-bit RTN hurts the real model
 
 
+def test_quantize_logs_keep_llm_compressors_output(tiny_run: Path) -> None:
+    """llm-compressor logs to stdout (loguru): its lines belong in the job's log, not the terminal."""
+    loguru_line = re.compile(r"^\d{4}-\d\d-\d\dT[\d:.]+ \| \w+ \| [A-Z]+ - ", re.MULTILINE)
+    assert loguru_line.search((tiny_run / "logs" / "quantize_model" / "smollm2-135m" / "gptq-w3-g64.log").read_text())
+    assert not loguru_line.search((tiny_run / "snakemake.out").read_text())
+
+
 def job_counts(stdout: str) -> dict[str, int]:
     """The 'Job stats' table of a dry run, rule -> count."""
     lines = stdout.split("Job stats:")[1].splitlines()
@@ -106,6 +114,24 @@ def job_counts(stdout: str) -> dict[str, int]:
             break
         counts[parts[0]] = int(parts[1])
     return counts
+
+
+def test_a_config_with_its_keys_in_another_order_reruns_nothing(tiny_run: Path) -> None:
+    """Snakemake compares params as written, key order included (qbreak.config.canonical_order)."""
+
+    def reverse(value):  # noqa: ANN001, ANN202
+        if isinstance(value, dict):
+            return {key: reverse(value[key]) for key in reversed(list(value))}
+        return [reverse(item) for item in value] if isinstance(value, list) else value
+
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    reordered = reverse(config)
+    for key in ("models", "methods"):  # their entries' order is the runs' order: kept
+        reordered[key] = {name: reverse(entry) for name, entry in config[key].items()}
+    (tiny_run / "reordered.yaml").write_text(yaml.safe_dump(reordered, sort_keys=False))
+    assert (tiny_run / "reordered.yaml").read_text() != (tiny_run / "config.yaml").read_text()
+    proc = run_snakemake(tiny_run, "-n", "--cores", "2", configfile="reordered.yaml")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]
 
 
 def test_editing_one_method_requantizes_only_that_method(tiny_run: Path) -> None:

@@ -182,6 +182,33 @@ def check_layer_settings(config: Mapping[str, Any], model: str, n_layers: int) -
         raise QbreakError(f"{error} (model {model})") from None
 
 
+# Top-level mappings whose entries' order means something: the order of the runs' models and methods
+# in every table and figure. Every other mapping's key order is only how the file was written.
+ORDERED_MAPPINGS = frozenset({"models", "methods"})
+
+
+def canonical_order(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` with every mapping's keys sorted, except the entries of `models` and `methods` (their
+    order is the runs' order; each entry's own keys are sorted). The rules pass config sections as
+    `params`, and Snakemake compares a rule's params as written, key order included: without this,
+    rewriting a config file with its keys in another order (an editor, yaml.safe_dump) would rerun
+    every job."""
+
+    def sort(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {key: sort(value[key]) for key in sorted(value, key=str)}
+        if isinstance(value, list):
+            return [sort(item) for item in value]
+        return value
+
+    return {
+        key: {name: sort(entry) for name, entry in config[key].items()}
+        if key in ORDERED_MAPPINGS and isinstance(config[key], Mapping)
+        else sort(config[key])
+        for key in sorted(config, key=str)
+    }
+
+
 def check_group_sizes(config: Mapping[str, Any], model: str, widths: Mapping[str, int]) -> None:
     """Raise QbreakError naming the first method whose group size does not divide one of model
     `model`'s Linear input widths (`models.model_linear_widths`), before the first job, where
