@@ -268,9 +268,10 @@ AMPLIFICATION_SCHEMA = pa.schema(
         pa.field("model", pa.string(), nullable=False),
         pa.field("method", pa.string(), nullable=False),
         pa.field("layer", pa.int32(), nullable=False),
-        # mean over tokens of mean over d_model of (MLP_q(h) − MLP_fp(h))², h = the FP MLP input
+        # mean over tokens of mean over d_model of (MLP_q(norm_q(r)) − MLP_fp(norm_fp(r)))², r = the FP
+        # residual before the MLP's RMSNorm (post_attention_layernorm); norm_q = norm_fp but for AWQ
         pa.field("mlp_mse", pa.float64(), nullable=False),
-        pa.field("mlp_power", pa.float64(), nullable=False),  # the same mean of MLP_fp(h)²
+        pa.field("mlp_power", pa.float64(), nullable=False),  # the same mean of MLP_fp(norm_fp(r))²
     ]
 )
 

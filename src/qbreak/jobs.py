@@ -139,7 +139,7 @@ def compare_job(
     trust_remote_code: bool = False,
 ) -> None:
     """One side-by-side pass of FP and a quantized model: its NLL, KL to FP, residual statistics and
-    the amplification of weight error in each MLP (the quantized MLP on the FP MLP input)."""
+    the amplification of weight error in each MLP (the quantized norm and MLP on the FP residual)."""
     outputs = {"nll": nll_output, "kl": kl_output, "residuals": residuals_output, "amplification": amplification_output}
     score_model_job(
         model_name, fp_dir, examples, runtime, topk=topk, quantized={method: q_dir}, outputs={method: outputs},
@@ -162,7 +162,7 @@ def score_model_job(
     per-dimension |r| and γ; None skips them. quantized: method → model folder; outputs[method]
     (keys `METHOD_OUTPUTS`): the method's NLL, KL to FP (top-k KL with `topk`, default
     kl.DEFAULT_TOPK), residual statistics and the amplification of weight error in each MLP (the
-    quantized MLP on the FP MLP input). The FP model's forward and its head's vocabulary blocks
+    quantized norm and MLP on the FP residual). The FP model's forward and its head's vocabulary blocks
     run once per batch for all the methods (`passes.run_group_pass`, `kl.GroupCompareStatistic`).
     """
     from qbreak.kl import DEFAULT_TOPK, GroupCompareStatistic

@@ -99,7 +99,7 @@ def amplification_curves(amplification: pa.Table, model: str) -> plt.Figure:
     axes[1].set_ylabel("MLP output MSE / FP MLP output power")
     for ax in axes:
         ax.set_xlabel("layer")
-    figure.suptitle(f"{model}: quantized MLPs on the FP input: does a larger input mean a larger error?")
+    figure.suptitle(f"{model}: quantized MLPs on the FP residual: does a larger input mean a larger error?")
     figure.tight_layout()
     return figure
 
