@@ -8,6 +8,7 @@ from snakemake.utils import validate
 
 from qbreak.config import (
     CALIBRATED_KINDS,
+    KIND_MODULES,
     canonical_order,
     check_config,
     check_config_files,
@@ -140,10 +141,23 @@ MODEL_PASS = (
 )
 # score_fp, compare_to_fp and score_model all run jobs.score_model_job
 SCORE_MODEL = (*MODEL_PASS, "kl", "residuals", "jobs:score_model_job")
-QUANTIZERS = [
-    f"quantize.{m}"
-    for m in ("base", "rtn", "nf", "hqq", "gptq", "awq", "oneshot", "run")
-]
+
+
+# Each method kind's quantize jobs hash their own quantizer (and what it imports), the shared
+# quantize code and the registry's own source, not the other kinds' quantizers.
+def _quantize_hash(quantizer):
+    return source_hash(
+        quantizer,
+        "quantize.run",
+        "models",
+        "io",
+        *JOBS,
+        "jobs:quantize_job",
+        leaves=frozenset({"quantize"}),
+    )
+
+
+QUANTIZE_CODE = {kind: _quantize_hash(path) for kind, path in KIND_MODULES.items()}
 CODE = {
     "models": source_hash("models", "io", *JOBS, "jobs:fetch_model_job"),
     "corpus": source_hash(
@@ -155,7 +169,6 @@ CODE = {
         "jobs:make_examples_job",
         "jobs:make_calibration_job",
     ),
-    "quantize": source_hash(*QUANTIZERS, "models", "io", *JOBS, "jobs:quantize_job"),
     "fp_pass": source_hash(*SCORE_MODEL, "jobs:fp_pass_job"),
     "compare": source_hash(*SCORE_MODEL, "jobs:compare_job"),
     "model_pass": source_hash(*SCORE_MODEL),
@@ -229,6 +242,10 @@ def method_entry(wildcards):
 
 def method_kind(wildcards):
     return config["methods"][wildcards.method]["kind"]
+
+
+def quantize_code(wildcards):
+    return QUANTIZE_CODE[method_kind(wildcards)]
 
 
 def calibration_file(wildcards):

@@ -20,6 +20,6 @@ rule quantize_model:
     params:
         entry=method_entry,
         device=config["runtime"]["device"],
-        code=CODE["quantize"],
+        code=quantize_code,
     script:
         "../workflow_scripts/quantize_model.py"

@@ -320,6 +320,35 @@ def test_source_hash_of_one_function_ignores_the_rest_of_its_module(tmp_path, mo
         provenance.source_hash("jobs:c")
 
 
+def test_source_hash_does_not_follow_the_imports_of_a_leaf_registry(tmp_path, monkeypatch) -> None:  # noqa: ANN001
+    """A quantize job hashes its own quantizer and the registry's source, not the registry's other
+    implementations (rules/common.smk, QUANTIZE_CODE)."""
+    from qbreak import provenance
+
+    package = tmp_path / "pkg"
+    (package / "reg").mkdir(parents=True)
+    (package / "reg" / "__init__.py").write_text("from qbreak.reg.a import A\nfrom qbreak.reg.b import B\n")
+    (package / "reg" / "a.py").write_text("from qbreak.reg import base\nA = 1\n")
+    (package / "reg" / "b.py").write_text("B = 1\n")
+    (package / "reg" / "base.py").write_text("S = 1\n")
+    (package / "run.py").write_text("from qbreak.reg import A\n")
+    monkeypatch.setattr(provenance, "PACKAGE_DIR", package)
+
+    def edited(path: str, text: str) -> bool:
+        before = provenance.source_hash("reg.a", "run", leaves=frozenset({"reg"}))
+        (package / path).write_text(text)
+        return provenance.source_hash("reg.a", "run", leaves=frozenset({"reg"})) != before
+
+    assert not edited("reg/b.py", "B = 2\n")  # another implementation
+    assert edited("reg/a.py", "from qbreak.reg import base\nA = 2\n")  # its own
+    assert edited("reg/base.py", "S = 2\n")  # what its own imports
+    assert edited("reg/__init__.py", "from qbreak.reg.a import A\nfrom qbreak.reg.b import B\n\n")  # the registry
+    (package / "reg" / "b.py").write_text("B = 3\n")  # without the leaf, b is followed
+    before = provenance.source_hash("reg.a", "run")
+    (package / "reg" / "b.py").write_text("B = 4\n")
+    assert provenance.source_hash("reg.a", "run") != before
+
+
 def test_source_hash_follows_the_qbreak_modules_a_function_imports(tmp_path, monkeypatch) -> None:  # noqa: ANN001
     from qbreak import provenance
 

@@ -149,6 +149,14 @@ def test_unknown_kind_names_the_key(tmp_path) -> None:
         quantize_model("x", {"kind": "awk", "bits": 4, "group_size": 64}, tmp_path, tmp_path / "c.arrow", tmp_path / "o")
 
 
+def test_kind_modules_of_the_workflow_match_the_quantizers() -> None:
+    """Each quantize job's code hash covers config.KIND_MODULES[kind] (torch-free): it must be the
+    module that defines the kind's quantizer."""
+    from qbreak.config import KIND_MODULES
+
+    assert KIND_MODULES == {kind: quantizer.__module__.removeprefix("qbreak.") for kind, quantizer in METHODS.items()}
+
+
 def test_calibrated_kinds_of_the_workflow_match_the_quantizers() -> None:
     """The Snakefile wires calibration inputs from config.CALIBRATED_KINDS (torch-free): it must agree."""
     from qbreak.config import CALIBRATED_KINDS

@@ -198,6 +198,32 @@ def test_editing_one_stage_code_reruns_that_stage(tiny_run: Path, tmp_path: Path
     }
 
 
+def test_editing_one_quantizer_requantizes_only_its_kind(tiny_run: Path, tmp_path: Path) -> None:
+    """A copy of the repository whose GPTQ quantizer differs: GPTQ requantizes, RTN and NF do not; an
+    edit of the shared quantize code requantizes every method."""
+    import os
+    import shutil
+
+    copy = tmp_path / "repo"
+    copy.mkdir()
+    for part in ("Snakefile", "rules", "schemas", "report", "workflow_scripts", "envs", "profiles", "src"):
+        (shutil.copytree if (REPO / part).is_dir() else shutil.copy)(REPO / part, copy / part)
+
+    def quantized_after_editing(module: str) -> list[str]:
+        path = copy / "src" / "qbreak" / "quantize" / module
+        path.write_text(path.read_text() + "\n\ndef _edited() -> int:\n    return 1\n")
+        proc = subprocess.run(
+            [str(SNAKEMAKE), "-n", "--cores", "2", "--snakefile", str(copy / "Snakefile"), "--directory",
+             str(tiny_run), "--configfile", str(tiny_run / "config.yaml")],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(copy / "src")}, check=True,
+        )
+        return sorted(re.findall(r"output: results/models/smollm2-135m/([\w-]+)\n", proc.stdout))
+
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert quantized_after_editing("gptq.py") == ["gptq-w3-g64"]
+    assert quantized_after_editing("base.py") == sorted(config["methods"])
+
+
 def test_kl_tables(tiny_run: Path) -> None:
     config = yaml.safe_load((tiny_run / "config.yaml").read_text())
     for name in config["methods"]:

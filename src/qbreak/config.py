@@ -26,6 +26,15 @@ from qbreak.layers import check_layers, layer_range
 # Method kinds that read calibration data (the quantizers' `needs_calibration`, kept here without torch
 # so the Snakefile can wire inputs; a test checks the two agree).
 CALIBRATED_KINDS = frozenset({"gptq", "awq"})
+# The module of each method kind's quantizer (quantize.METHODS, kept here without torch so that each
+# quantize job's code hash covers its own quantizer and not the others; a test checks they agree).
+KIND_MODULES = {
+    "rtn": "quantize.rtn",
+    "nf": "quantize.nf",
+    "hqq": "quantize.hqq",
+    "gptq": "quantize.gptq",
+    "awq": "quantize.awq",
+}
 
 
 def _key(path: Any) -> str:

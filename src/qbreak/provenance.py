@@ -16,7 +16,7 @@ from pathlib import Path
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 
-def source_hash(*modules: str) -> str:
+def source_hash(*modules: str, leaves: frozenset[str] = frozenset()) -> str:
     """SHA-256 (16 hex digits) of the named qbreak modules' source, e.g. source_hash("nll", "passes"),
     and of every qbreak module they import, directly or not.
 
@@ -24,9 +24,12 @@ def source_hash(*modules: str) -> str:
     function imports, so a module of many small entry points (jobs) can be shared by stages without
     one stage's edit rerunning the rest. Following the imports means a stage's list cannot miss a
     module its code uses (a new helper module reruns the stages that import it).
+
+    A module in `leaves` is hashed but its imports are not followed: a registry that imports every
+    implementation (`quantize`), where a stage runs one of them, named in `modules`.
     """
     digest = hashlib.sha256()
-    for name in sorted(_with_imports(set(modules))):
+    for name in sorted(_with_imports(set(modules), leaves)):
         digest.update(name.encode() + b"\0" + _source(name).encode())
     return digest.hexdigest()[:16]
 
@@ -43,16 +46,17 @@ def _source(name: str) -> str:
     return definition
 
 
-def _with_imports(names: set[str]) -> set[str]:
+def _with_imports(names: set[str], leaves: frozenset[str] = frozenset()) -> set[str]:
     """`names` and every qbreak module imported, anywhere in their source, by them or by a module
-    they import."""
+    they import (but not by a module in `leaves`)."""
     done: set[str] = set()
     todo = list(names)
     while todo:
         name = todo.pop()
         if name not in done:
             done.add(name)
-            todo.extend(_imported_modules(_source(name), PACKAGE_DIR))
+            if name not in leaves:
+                todo.extend(_imported_modules(_source(name), PACKAGE_DIR))
     return done
 
 
