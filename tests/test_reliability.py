@@ -74,6 +74,32 @@ def test_architecture_without_decoder_layers_is_one_line_error() -> None:
     assert str(info.value) == "GPT2LMHeadModel: no decoder .layers; qbreak hooks support Llama-style decoders"
 
 
+def test_residual_sites_refuse_layers_that_normalise_the_attention_output() -> None:
+    """Gemma 2's post_attention_layernorm normalises the attention output (pre_feedforward_layernorm
+    feeds the MLP): pre_norm / post_norm would silently be other activations than Llama's."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from qbreak.hooks import hooks
+
+    model = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=16,
+    )).eval()
+    for site in ("pre_norm", "post_norm"):
+        with pytest.raises(QbreakError) as info, hooks(model, {(0, site): lambda x: None}):
+            pass
+        assert str(info.value) == (
+            "Gemma2DecoderLayer has pre_feedforward_layernorm: its post_attention_layernorm normalises the "
+            f"attention output, not the residual before the MLP, so hook site '{site}' (Llama-style layers) "
+            "does not apply"
+        )
+    seen = []
+    with torch.no_grad(), hooks(model, {(0, "down"): seen.append, (1, "block_out"): seen.append}):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    assert len(seen) == 2  # sites that mean the same on these layers still work
+
+
 def test_missing_hook_site_names_the_module() -> None:
     import torch
 

@@ -49,10 +49,23 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     return layers
 
 
+# Sites that mean "the residual stream" / "the MLP input" only where post_attention_layernorm
+# normalises the residual before the MLP (Llama-style). Layers with a norm around the MLP as well
+# (Gemma 2/3: pre_feedforward_layernorm; OLMo 2: post_feedforward_layernorm) use
+# post_attention_layernorm on the attention output instead, so these sites would be silently wrong.
+RESIDUAL_NORM_SITES = frozenset({"pre_norm", "post_norm"})
+MLP_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
 def site_module(layer: torch.nn.Module, site: str) -> tuple[torch.nn.Module, str]:
     """(module, 'input' | 'output') of a named site in one decoder layer."""
     if site not in SITES:
         raise QbreakError(f"unknown hook site '{site}': expected one of {sorted(SITES)}")
+    if site in RESIDUAL_NORM_SITES and (norm := next((n for n in MLP_NORMS if hasattr(layer, n)), None)):
+        raise QbreakError(
+            f"{type(layer).__name__} has {norm}: its post_attention_layernorm normalises the attention "
+            f"output, not the residual before the MLP, so hook site '{site}' (Llama-style layers) does not apply"
+        )
     path, where = SITES[site]
     module = layer
     for part in filter(None, path.split(".")):
