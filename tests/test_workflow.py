@@ -175,24 +175,36 @@ def test_more_examples_rerun_everything_downstream_of_the_examples(tiny_run: Pat
     assert counts["report_overview"] == 1
 
 
-def test_editing_one_stage_code_reruns_that_stage(tiny_run: Path, tmp_path: Path) -> None:
-    """A copy of the repository whose logit-lens code differs: only the lens jobs and what reads them rerun."""
-    import os
+def repository_copy(tmp_path: Path) -> Path:
+    """A copy of the workflow and its package, whose code a test may edit."""
     import shutil
 
     copy = tmp_path / "repo"
     copy.mkdir()
     for part in ("Snakefile", "rules", "schemas", "report", "workflow_scripts", "envs", "profiles", "src"):
         (shutil.copytree if (REPO / part).is_dir() else shutil.copy)(REPO / part, copy / part)
-    lens = copy / "src" / "qbreak" / "lens.py"
-    lens.write_text(lens.read_text() + "\n\ndef _edited() -> int:\n    return 1\n")
-    cmd_env = {**os.environ, "PYTHONPATH": str(copy / "src")}
+    return copy
+
+
+def dry_run_after_editing(copy: Path, module: str, tiny_run: Path) -> str:
+    """Append a function to qbreak `module` (a path under src/qbreak) in `copy`, then the stdout of
+    a dry run of the copy's workflow on the tiny run's results."""
+    import os
+
+    path = copy / "src" / "qbreak" / module
+    path.write_text(path.read_text() + "\n\ndef _edited() -> int:\n    return 1\n")
     proc = subprocess.run(
         [str(SNAKEMAKE), "-n", "--cores", "2", "--snakefile", str(copy / "Snakefile"), "--directory", str(tiny_run),
          "--configfile", str(tiny_run / "config.yaml")],
-        capture_output=True, text=True, env=cmd_env, check=True,
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(copy / "src")}, check=True,
     )
-    assert job_counts(proc.stdout) == {
+    return proc.stdout
+
+
+def test_editing_one_stage_code_reruns_that_stage(tiny_run: Path, tmp_path: Path) -> None:
+    """A copy of the repository whose logit-lens code differs: only the lens jobs and what reads them rerun."""
+    stdout = dry_run_after_editing(repository_copy(tmp_path), "lens.py", tiny_run)
+    assert job_counts(stdout) == {
         "all": 1, "logit_lens": 4, "restore_layers": 3, "analyze_residuals": 1, "plot_residuals": 1,
         "report_overview": 1,
     }
@@ -201,23 +213,11 @@ def test_editing_one_stage_code_reruns_that_stage(tiny_run: Path, tmp_path: Path
 def test_editing_one_quantizer_requantizes_only_its_kind(tiny_run: Path, tmp_path: Path) -> None:
     """A copy of the repository whose GPTQ quantizer differs: GPTQ requantizes, RTN and NF do not; an
     edit of the shared quantize code requantizes every method."""
-    import os
-    import shutil
-
-    copy = tmp_path / "repo"
-    copy.mkdir()
-    for part in ("Snakefile", "rules", "schemas", "report", "workflow_scripts", "envs", "profiles", "src"):
-        (shutil.copytree if (REPO / part).is_dir() else shutil.copy)(REPO / part, copy / part)
+    copy = repository_copy(tmp_path)
 
     def quantized_after_editing(module: str) -> list[str]:
-        path = copy / "src" / "qbreak" / "quantize" / module
-        path.write_text(path.read_text() + "\n\ndef _edited() -> int:\n    return 1\n")
-        proc = subprocess.run(
-            [str(SNAKEMAKE), "-n", "--cores", "2", "--snakefile", str(copy / "Snakefile"), "--directory",
-             str(tiny_run), "--configfile", str(tiny_run / "config.yaml")],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(copy / "src")}, check=True,
-        )
-        return sorted(re.findall(r"output: results/models/smollm2-135m/([\w-]+)\n", proc.stdout))
+        stdout = dry_run_after_editing(copy, f"quantize/{module}", tiny_run)
+        return sorted(re.findall(r"output: results/models/smollm2-135m/([\w-]+)\n", stdout))
 
     config = yaml.safe_load((tiny_run / "config.yaml").read_text())
     assert quantized_after_editing("gptq.py") == ["gptq-w3-g64"]
