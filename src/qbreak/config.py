@@ -218,15 +218,21 @@ def canonical_order(config: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def check_group_size(method: str, group_size: int, width: int, where: str) -> None:
+    """QbreakError unless `group_size` divides a Linear input `width` (`where`: which Linear); the one
+    rule of the dry run's `check_group_sizes` and the quantize job's `quantize.check_method`."""
+    if width % group_size:
+        raise QbreakError(
+            f"config key methods.{method}.group_size: {group_size} does not divide the input width {width} {where}"
+        )
+
+
 def check_group_sizes(config: Mapping[str, Any], model: str, widths: Mapping[str, int]) -> None:
     """Raise QbreakError naming the first method whose group size does not divide one of model
     `model`'s Linear input widths (`models.model_linear_widths`), before the first job, where
     config.json is already here; the quantize job checks every layer of the loaded model again."""
     for name, entry in (config.get("methods") or {}).items():
         group = entry.get("group_size")
-        for source, width in widths.items():
-            if isinstance(group, int) and group > 0 and width % group:
-                raise QbreakError(
-                    f"config key methods.{name}.group_size: {group} does not divide the input width "
-                    f"{width} ({source}) of model {model}"
-                )
+        if isinstance(group, int) and group > 0:
+            for source, width in widths.items():
+                check_group_size(name, group, width, f"({source}) of model {model}")

@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Protocol
 
 import torch
 
+from qbreak.config import check_group_size
 from qbreak.errors import QbreakError
 
 
@@ -89,11 +90,7 @@ def check_method(config: MethodConfig, quantizer: Quantizer, model: torch.nn.Mod
             f"config key {key}.bits: {config.kind} supports {list(quantizer.supported_bits)} bits, got {config.bits}"
         )
     for name, linear in decoder_linears(model).items():
-        if linear.in_features % config.group_size:
-            raise QbreakError(
-                f"config key {key}.group_size: {config.group_size} does not divide the input width "
-                f"{linear.in_features} of layer {name}"
-            )
+        check_group_size(config.name, config.group_size, linear.in_features, f"of layer {name}")
 
 
 def grouped(weight: torch.Tensor, group_size: int) -> torch.Tensor:
