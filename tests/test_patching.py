@@ -158,3 +158,32 @@ def test_thread_hooks_keep_each_threads_functions(pair: tuple[torch.nn.Module, t
     for scale, outs in results.items():
         for out in outs:
             torch.testing.assert_close(out, expected[scale], rtol=0, atol=0)
+
+
+def test_up_patch_probe_identities(pair: tuple[torch.nn.Module, torch.nn.Module]) -> None:
+    """bench/up_patch_probe.py: with no perturbation every frozen site gives FP's NLL and no MLP error;
+    its perturbed FP run equals the patching module's `resid` patch of the other model's layer output."""
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    from up_patch_probe import FROZEN_SITES, frozen_site_nll, local_mlp_error
+
+    fp, q = pair
+    examples = _examples(n=6)
+    fp_nll = per_example_nll(fp, examples, "tiny", "fp", 4).column("nll").to_numpy()
+    perturbed = patching_table(q, fp, examples, "tiny", "fp", [Patch("resid", (0,), "0")], batch_size=4)
+    for batch_index, batch in enumerate(iter_batches(examples, 4)):
+        rows = slice(4 * batch_index, 4 * batch_index + len(batch.example_ids))
+        with torch.inference_mode():
+            clean = frozen_site_nll(fp, fp, batch, [1])
+            mixed = frozen_site_nll(fp, q, batch, [1])
+            errors = local_mlp_error(fp, fp, batch, [1])
+        assert set(clean) == set(FROZEN_SITES)
+        for site, (total, n) in clean.items():
+            np.testing.assert_allclose((total / n).numpy(), fp_nll[rows], rtol=0, atol=1e-6, err_msg=site)
+        total, n = mixed["none"]
+        np.testing.assert_allclose((total / n).numpy(), _nll(perturbed, "resid", "0")[rows], rtol=0, atol=1e-5)
+        assert np.abs((mixed["up"][0] - mixed["none"][0]).numpy()).max() > 1e-4  # the freeze changes something
+        assert all(err == 0.0 and norm > 0.0 for err, norm in errors.values())
