@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 run: install
+	@$(BIN)/python -m qbreak.config $(CONFIG)
 	$(BIN)/snakemake --cores $(CORES) --workflow-profile profiles/default --configfile $(CONFIG) --replace-workflow-config
 	$(BIN)/snakemake --cores 1 --workflow-profile profiles/default --configfile $(CONFIG) --replace-workflow-config \
 		--report results/report.html

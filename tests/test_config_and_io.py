@@ -127,6 +127,30 @@ def test_config_files_with_merge_keys_or_tab_indented_json_are_read(tmp_path: Pa
         check_config_files([broken])
 
 
+def test_make_run_checks_its_config_file_before_snakemake(tmp_path: Path) -> None:
+    """Snakemake reports a YAML error in a --configfile without the file's name; `make run` checks the
+    file first with `python -m qbreak.config`, which names it (one line, exit status 1)."""
+    import subprocess
+    import sys
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("methods:\n  a: [1, 2\n")
+    missing = tmp_path / "missing.yaml"
+    for path, message in ((broken, "line 3: not valid YAML"), (missing, "cannot read the config file")):
+        proc = subprocess.run([sys.executable, "-m", "qbreak.config", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 1
+        assert proc.stderr.splitlines() == [proc.stderr.strip()]
+        assert proc.stderr.startswith(f"qbreak error: {path}: {message}")
+    ok = subprocess.run([sys.executable, "-m", "qbreak.config", str(REPO / "config.yaml")], capture_output=True)
+    assert ok.returncode == 0 and not ok.stderr
+    recipe = subprocess.run(
+        ["make", "-n", "run", f"CONFIG={broken}"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    check = next(i for i, line in enumerate(recipe) if "-m qbreak.config" in line)
+    assert str(broken) in recipe[check]
+    assert check < next(i for i, line in enumerate(recipe) if "snakemake" in line)
+
+
 def test_snakemake_refuses_a_method_given_twice(tmp_path: Path) -> None:
     text = yaml.safe_dump(DEFAULT, sort_keys=False)
     duplicate = "methods:\n  rtn-w3-g64:\n    kind: nf\n    bits: 4\n    group_size: 32\n"

@@ -7,13 +7,17 @@ defaults. What a schema cannot express is checked here too: a key given twice in
 (`check_config_files`), settings that contradict each other (`check_references`), and layer
 settings against a model's depth (`check_layer_settings`), and group sizes against its Linear
 widths (`check_group_sizes`).
+
+`python -m qbreak.config FILE...` checks config files on their own (`make run` calls it first:
+Snakemake reports a YAML syntax error in a `--configfile` without naming the file).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +101,11 @@ def check_config_files(paths: Iterable[str | os.PathLike[str]]) -> None:
     last, so a duplicated method or a second `methods:` block would replace the first unnoticed.
     JSON files are read as JSON first, as Snakemake does (JSON indented with tabs is not YAML)."""
     for path in paths:
-        text = Path(path).read_text(encoding="utf-8")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+            raise QbreakError(f"{path}: cannot read the config file ({reason})") from None
         try:
             json.loads(text, object_pairs_hook=_unique_pairs)
             continue
@@ -236,3 +244,17 @@ def check_group_sizes(config: Mapping[str, Any], model: str, widths: Mapping[str
         if isinstance(group, int) and group > 0:
             for source, width in widths.items():
                 check_group_size(name, group, width, f"({source}) of model {model}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Check config files (`check_config_files`); print one `qbreak error:` line and return 1 on the first bad one."""
+    try:
+        check_config_files(sys.argv[1:] if argv is None else argv)
+    except QbreakError as error:
+        print(f"qbreak error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
