@@ -1,18 +1,19 @@
-"""Why patching `up` alone wrecks a model: a gate and an up output from two different residual streams.
+"""Why patching `up` alone wrecks a model: reproduced in the FP model, with no quantized weights after the perturbation.
 
-Patching FP's up_proj output into a quantized model (or the reverse) multiplies one stream's up
-by the other stream's act(gate). This probe asks whether that is about quantization error or
-about the mixing itself. In the FP model alone it replaces the residual entering the first probed
-layer by the quantized model's (a perturbation), then runs the probed layers with one site frozen
-at the clean FP run's values:
+Patching FP's up_proj output into a quantized model (or the reverse) multiplies one residual
+stream's up by the other stream's act(gate). This probe asks whether the damage needs quantized
+weights at all. In the FP model alone it replaces the residual entering the first probed layer by
+the quantized model's (a perturbation), then runs the probed layers with one site frozen at the
+clean FP run's values:
 
 - `none`: the perturbed FP run itself;
-- `up`, `gate`, `down` (the MLP output), `attn`: that site frozen at clean values.
+- `up`, `gate`: one MLP factor frozen (clean up × perturbed act(gate), or the other way round);
+- `down` (the MLP output) and `attn`: a whole sub-block's output frozen.
 
-Freezing `down` keeps each MLP output consistent (the clean stream's); freezing `up` or `gate`
-mixes the streams inside the MLP. It also prints, per layer, how far each frozen MLP output is from
-the consistent one on the perturbed stream (relative MSE, no compounding over layers), and the
-quantized model with FP up_proj *weights* in the probed layers.
+For each it prints the perplexity and, per probed layer, how far that run's residual stream (the
+layer's output, positions after the first) has moved from the clean FP run's (relative L2
+distance), and the quantized model with FP up_proj *weights* in the probed layers (not for AWQ,
+whose folded scales put up_proj in another basis; `patching.RESCALED_SITES`).
 
     .venv/bin/python bench/up_patch_probe.py --results results --method rtn-w3-g64 --set large
 """
@@ -20,8 +21,9 @@ quantized model with FP up_proj *weights* in the probed layers.
 from __future__ import annotations
 
 import argparse
+import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
@@ -33,61 +35,44 @@ from qbreak.io import EXAMPLES_SCHEMA, SELECTION_SCHEMA, read_table
 from qbreak.models import load_model
 from qbreak.nll import batch_nll
 from qbreak.passes import Batch, final_hidden_state, iter_batches
+from qbreak.patching import RESCALING_KINDS, with_fp_weights
 
 FROZEN_SITES = ("none", "up", "gate", "down", "attn")
 
 
-def _capture(model: torch.nn.Module, batch: Batch, keys: Iterable[tuple[int, str]]) -> dict[tuple[int, str], torch.Tensor]:
-    """The activations at `keys` ((layer, hook site)) of an unpatched forward."""
-    got: dict[tuple[int, str], torch.Tensor] = {}
-    with hooks(model, {key: (lambda x, key=key: got.__setitem__(key, x)) for key in keys}):
-        final_hidden_state(model, batch)
-    return got
-
-
-def frozen_site_nll(
+@torch.inference_mode()
+def frozen_site_runs(
     fp: torch.nn.Module, other: torch.nn.Module, batch: Batch, layers: Sequence[int], sites: Sequence[str] = FROZEN_SITES
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """site → (summed NLL [batch], scored tokens [batch]) of the FP model whose residual entering
-    `layers[0]` is `other`'s, with that site frozen at the clean FP run's values in `layers`."""
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """site → (summed NLL [batch], scored tokens [batch], drift [len(layers)]) of the FP model whose
+    residual entering `layers[0]` is `other`'s, with that site frozen at the clean FP run's values in
+    `layers`. drift[i] = ‖r − r_clean‖ / ‖r_clean‖ of layer `layers[i]`'s output over the batch's real
+    tokens after the first (the first token carries the massive activations)."""
     first = layers[0]
-    entering = _capture(other, batch, [(first, "block_in")])[(first, "block_in")]
-    clean = _capture(fp, batch, [(layer, site) for layer in layers for site in sites if site != "none"])
+    entering: dict[tuple[int, str], torch.Tensor] = {}
+    with hooks(other, {(first, "block_in"): lambda x: entering.__setitem__((first, "block_in"), x)}):
+        final_hidden_state(other, batch)
+    keys = [(layer, site) for layer in layers for site in [*sites, "block_out"] if site != "none"]
+    clean: dict[tuple[int, str], torch.Tensor] = {}
+    with hooks(fp, {key: (lambda x, key=key: clean.__setitem__(key, x)) for key in keys}):
+        final_hidden_state(fp, batch)
+    scored = batch.attention_mask.bool().clone()  # [batch, pos]
+    scored[:, 0] = False
     results = {}
     for site in sites:
-        fns = {(first, "block_in"): lambda x: entering}
+        outputs: dict[int, torch.Tensor] = {}
+        fns = {(first, "block_in"): lambda x: entering[(first, "block_in")]}
         if site != "none":
             fns |= {(layer, site): (lambda x, key=(layer, site): clean[key]) for layer in layers}
+        fns |= {(layer, "block_out"): (lambda x, layer=layer: outputs.__setitem__(layer, x)) for layer in layers}
         with hooks(fp, fns):
             hidden = final_hidden_state(fp, batch)
-        results[site] = batch_nll(fp, batch, hidden)
+        drift = torch.stack([
+            (outputs[layer] - clean[(layer, "block_out")])[scored].norm() / clean[(layer, "block_out")][scored].norm()
+            for layer in layers
+        ])
+        results[site] = (*batch_nll(fp, batch, hidden), drift)
     return results
-
-
-def local_mlp_error(
-    fp: torch.nn.Module, other: torch.nn.Module, batch: Batch, layers: Sequence[int]
-) -> dict[tuple[str, int], tuple[float, float]]:
-    """(frozen factor, layer) → (squared error, squared norm) of the FP MLP output on the perturbed
-    stream with `up`, `gate` or both taken from the clean stream, against the consistent MLP output."""
-    first = layers[0]
-    entering = _capture(other, batch, [(first, "block_in")])[(first, "block_in")]
-    clean = _capture(fp, batch, [(layer, "post_norm") for layer in layers])
-    perturbed: dict[tuple[int, str], torch.Tensor] = {}
-    fns = {(first, "block_in"): lambda x: entering}
-    fns |= {(layer, "post_norm"): (lambda x, key=(layer, "post_norm"): perturbed.__setitem__(key, x)) for layer in layers}
-    with hooks(fp, fns):
-        final_hidden_state(fp, batch)
-    real = batch.attention_mask.bool()
-    sums: dict[tuple[str, int], tuple[float, float]] = {}
-    for layer in layers:
-        mlp = decoder_layers(fp)[layer].mlp
-        xc, xp = clean[(layer, "post_norm")][real], perturbed[(layer, "post_norm")][real]
-        gate_c, gate_p = mlp.act_fn(mlp.gate_proj(xc)), mlp.act_fn(mlp.gate_proj(xp))
-        up_c, up_p = mlp.up_proj(xc), mlp.up_proj(xp)
-        consistent = mlp.down_proj(gate_p * up_p)
-        for name, out in (("up", gate_p * up_c), ("gate", gate_c * up_p), ("both", gate_c * up_c)):
-            sums[(name, layer)] = (float(((mlp.down_proj(out) - consistent) ** 2).sum()), float((consistent**2).sum()))
-    return sums
 
 
 def main() -> None:
@@ -114,40 +99,34 @@ def main() -> None:
         ids = selection.filter(pc.equal(selection["set"], args.set))["example_id"]
         examples = examples.filter(pc.is_in(examples["example_id"], value_set=pa.array(ids.to_pylist(), ids.type)))
 
-    totals: dict[str, list[float]] = {}
-    errors: dict[tuple[str, int], list[float]] = {}
+    kind = json.loads((root / "models" / args.model / args.method / "quant.json").read_text())["kind"]
+    hybrid = None if kind in RESCALING_KINDS else with_fp_weights(quantized, fp, "mlp.up_proj", layers)
 
-    def add(key: str, nll: tuple[torch.Tensor, torch.Tensor]) -> None:
+    totals: dict[str, list[float]] = {}
+    drift: dict[str, list[torch.Tensor]] = {}
+
+    def add(key: str, nll: Sequence[torch.Tensor]) -> None:
         total = totals.setdefault(key, [0.0, 0.0])
         total[0] += float(nll[0].sum())
         total[1] += float(nll[1].sum())
 
-    saved = [decoder_layers(quantized)[layer].mlp.up_proj.weight.detach().clone() for layer in layers]
     with torch.inference_mode():
         for batch in iter_batches(examples, args.batch_size):
             add("FP", batch_nll(fp, batch, final_hidden_state(fp, batch)))
             add(args.method, batch_nll(quantized, batch, final_hidden_state(quantized, batch)))
-            for site, nll in frozen_site_nll(fp, quantized, batch, layers).items():
-                add(f"perturbed FP, {site} frozen", nll)
-            for key, (err, norm) in local_mlp_error(fp, quantized, batch, layers).items():
-                acc = errors.setdefault(key, [0.0, 0.0])
-                acc[0] += err
-                acc[1] += norm
-            for layer in layers:
-                decoder_layers(quantized)[layer].mlp.up_proj.weight.copy_(decoder_layers(fp)[layer].mlp.up_proj.weight)
-            add(f"{args.method}, FP up_proj weights", batch_nll(quantized, batch, final_hidden_state(quantized, batch)))
-            for layer, weight in zip(layers, saved):
-                decoder_layers(quantized)[layer].mlp.up_proj.weight.copy_(weight)
+            for site, run in frozen_site_runs(fp, quantized, batch, layers).items():
+                add(f"perturbed FP, {site} frozen", run)
+                drift.setdefault(site, []).append(run[2])
+            if hybrid is not None:
+                add(f"{args.method}, FP up_proj weights in {first}-{last}", batch_nll(hybrid, batch, final_hidden_state(hybrid, batch)))
 
-    span = f"{first}-{last}"
-    print(f"{examples.num_rows} examples ({args.set}), layers {span}; perplexity")
+    print(f"{examples.num_rows} examples ({args.set}), layers {first}-{last}; perplexity")
     for key, (nll_sum, n) in totals.items():
         label = key.replace("perturbed FP", f"FP with {args.method}'s residual entering layer {first}")
         print(f"  {label:70s} {math.exp(nll_sum / n):10.2f}")
-    print("relative MSE of the FP MLP output on the perturbed stream, factor(s) from the clean stream, per layer")
-    for name in ("up", "gate", "both"):
-        cells = " ".join(f"{errors[(name, layer)][0] / errors[(name, layer)][1]:.2f}" for layer in layers)
-        print(f"  {name:5s} {cells}")
+    print(f"drift from the clean FP run per layer {first}-{last} (mean over batches of ‖r − r_clean‖ / ‖r_clean‖)")
+    for site, values in drift.items():
+        print(f"  {site:5s} " + " ".join(f"{value:.2f}" for value in torch.stack(values).mean(dim=0).tolist()))
 
 
 if __name__ == "__main__":

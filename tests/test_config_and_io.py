@@ -135,12 +135,24 @@ def test_make_run_checks_its_config_file_before_snakemake(tmp_path: Path) -> Non
 
     broken = tmp_path / "broken.yaml"
     broken.write_text("methods:\n  a: [1, 2\n")
+    control = tmp_path / "control.yaml"
+    control.write_text("methods:\n  a: 1\x07\n")
+    json_file = tmp_path / "broken.json"
+    json_file.write_text('{"methods": [1, 2}\n')
     missing = tmp_path / "missing.yaml"
-    for path, message in ((broken, "line 3: not valid YAML"), (missing, "cannot read the config file")):
-        proc = subprocess.run([sys.executable, "-m", "qbreak.config", str(path)], capture_output=True, text=True)
+    cases = [
+        ([broken], f"{broken}: line 3: not valid YAML"),
+        ([control], f"{control}: not valid YAML (unacceptable character #x0007"),
+        ([json_file], f"{json_file}: line 1: not valid JSON or YAML"),
+        ([missing], f"{missing}: cannot read the config file"),
+        ([], "no config file given"),
+    ]
+    for paths, message in cases:
+        command = [sys.executable, "-m", "qbreak.config", *map(str, paths)]
+        proc = subprocess.run(command, capture_output=True, text=True)
         assert proc.returncode == 1
         assert proc.stderr.splitlines() == [proc.stderr.strip()]
-        assert proc.stderr.startswith(f"qbreak error: {path}: {message}")
+        assert proc.stderr.startswith(f"qbreak error: {message}")
     ok = subprocess.run([sys.executable, "-m", "qbreak.config", str(REPO / "config.yaml")], capture_output=True)
     assert ok.returncode == 0 and not ok.stderr
     recipe = subprocess.run(

@@ -113,11 +113,15 @@ def check_config_files(paths: Iterable[str | os.PathLike[str]]) -> None:
             pass  # YAML, below
         except QbreakError as error:
             raise QbreakError(f"{path}: {error}") from None
+        kind = "JSON or YAML" if str(path).endswith(".json") else "YAML"
         try:
             yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
         except yaml.MarkedYAMLError as error:
             line = f"line {error.problem_mark.line + 1}: " if error.problem_mark else ""
-            raise QbreakError(f"{path}: {line}not valid YAML ({error.problem})") from None
+            raise QbreakError(f"{path}: {line}not valid {kind} ({error.problem})") from None
+        except yaml.YAMLError as error:  # e.g. a control character (reader errors carry no mark)
+            reason = str(error).replace('"<unicode string>"', "the file").splitlines()[0].rstrip(":")
+            raise QbreakError(f"{path}: not valid {kind} ({reason})") from None
         except QbreakError as error:
             raise QbreakError(str(error).replace("<unicode string>", str(path), 1)) from None
 
@@ -248,8 +252,11 @@ def check_group_sizes(config: Mapping[str, Any], model: str, widths: Mapping[str
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Check config files (`check_config_files`); print one `qbreak error:` line and return 1 on the first bad one."""
+    paths = sys.argv[1:] if argv is None else argv
     try:
-        check_config_files(sys.argv[1:] if argv is None else argv)
+        if not paths:
+            raise QbreakError("no config file given: python -m qbreak.config FILE...")
+        check_config_files(paths)
     except QbreakError as error:
         print(f"qbreak error: {error}", file=sys.stderr)
         return 1
