@@ -15,6 +15,13 @@ layer's output, positions after the first) has moved from the clean FP run's (re
 distance), and the quantized model with FP up_proj *weights* in the probed layers (not for AWQ,
 whose folded scales put up_proj in another basis; `patching.RESCALED_SITES`).
 
+Last, a first-order account of the asymmetry: at each probed layer of the perturbed run, the FP
+MLP's response to the perturbation of its input, linearised at the clean run's input, splits into
+a gate path, down(act′(g)·(W_gate δx) ⊙ up), and an up path, down(act(g) ⊙ W_up δx). Freezing `up`
+keeps only the gate path, freezing `gate` only the up path. Each path's projection on the residual
+error it is added to, δr (the layer's `pre_norm` residual, perturbed − clean), is printed as
+⟨v, δr⟩ / ‖δr‖² (negative: it opposes the error), with its cosine and ‖v‖ / ‖δr‖.
+
     .venv/bin/python bench/up_patch_probe.py --results results --method rtn-w3-g64 --set large
 """
 
@@ -75,6 +82,53 @@ def frozen_site_runs(
     return results
 
 
+def mlp_paths(mlp: torch.nn.Module, x: torch.Tensor, dx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The gate path and the up path [tokens, d_model] of a gated MLP's first-order response to its
+    input moving from x to x + dx ([tokens, d_model]); their sum is the MLP's directional derivative
+    (down_proj and up_proj are linear)."""
+    gate, up = mlp.gate_proj(x), mlp.up_proj(x)  # [tokens, d_mlp]
+    activated, gate_change = torch.func.jvp(mlp.act_fn, (gate,), (mlp.gate_proj(dx),))
+    return {"gate": mlp.down_proj(gate_change * up), "up": mlp.down_proj(activated * mlp.up_proj(dx))}
+
+
+@torch.inference_mode()
+def linear_mlp_response(
+    fp: torch.nn.Module, other: torch.nn.Module, batch: Batch, layers: Sequence[int]
+) -> dict[tuple[str, int], tuple[float, float, float]]:
+    """(path, layer) → (⟨v, δr⟩, ‖δr‖², ‖v‖²) summed over the real tokens after the first, for the
+    gate path and the up path v of the FP MLP's linearised response (module docstring) in the run
+    whose residual entering `layers[0]` is `other`'s."""
+    first = layers[0]
+    entering: dict[str, torch.Tensor] = {}
+    with hooks(other, {(first, "block_in"): lambda x: entering.__setitem__("x", x)}):
+        final_hidden_state(other, batch)
+    runs: list[dict[tuple[int, str], torch.Tensor]] = []
+    for perturbed in (False, True):
+        got: dict[tuple[int, str], torch.Tensor] = {}
+        fns = {
+            (layer, site): (lambda x, key=(layer, site): got.__setitem__(key, x))
+            for layer in layers
+            for site in ("pre_norm", "post_norm")
+        }
+        if perturbed:
+            fns[(first, "block_in")] = lambda x: entering["x"]
+        with hooks(fp, fns):
+            final_hidden_state(fp, batch)
+        runs.append(got)
+    clean, moved = runs
+    scored = batch.attention_mask.bool().clone()  # [batch, pos]
+    scored[:, 0] = False
+    sums = {}
+    for layer in layers:
+        mlp = decoder_layers(fp)[layer].mlp
+        x = clean[(layer, "post_norm")][scored]  # [tokens, d_model]
+        dx = moved[(layer, "post_norm")][scored] - x
+        dr = moved[(layer, "pre_norm")][scored] - clean[(layer, "pre_norm")][scored]
+        for path, v in mlp_paths(mlp, x, dx).items():
+            sums[(path, layer)] = (float((v * dr).sum()), float((dr * dr).sum()), float((v * v).sum()))
+    return sums
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default="results", help="a finished run's results folder")
@@ -104,6 +158,7 @@ def main() -> None:
 
     totals: dict[str, list[float]] = {}
     drift: dict[str, list[torch.Tensor]] = {}
+    response: dict[tuple[str, int], list[float]] = {}
 
     def add(key: str, nll: Sequence[torch.Tensor]) -> None:
         total = totals.setdefault(key, [0.0, 0.0])
@@ -117,6 +172,8 @@ def main() -> None:
             for site, run in frozen_site_runs(fp, quantized, batch, layers).items():
                 add(f"perturbed FP, {site} frozen", run)
                 drift.setdefault(site, []).append(run[2])
+            for key, values in linear_mlp_response(fp, quantized, batch, layers).items():
+                response[key] = [a + b for a, b in zip(response.get(key, [0.0, 0.0, 0.0]), values, strict=True)]
             if hybrid is not None:
                 add(f"{args.method}, FP up_proj weights in {first}-{last}", batch_nll(hybrid, batch, final_hidden_state(hybrid, batch)))
 
@@ -127,6 +184,13 @@ def main() -> None:
     print(f"drift from the clean FP run per layer {first}-{last} (mean over batches of ‖r − r_clean‖ / ‖r_clean‖)")
     for site, values in drift.items():
         print(f"  {site:5s} " + " ".join(f"{value:.2f}" for value in torch.stack(values).mean(dim=0).tolist()))
+
+    print(f"the FP MLP's linearised response to the perturbation, per layer {first}-{last}")
+    for path in ("gate", "up"):
+        sums = [response[(path, layer)] for layer in layers]
+        print(f"  {path:4s} path ⟨v, δr⟩ / ‖δr‖²  " + " ".join(f"{vr / rr:+.2f}" for vr, rr, _ in sums))
+        print(f"  {path:4s} path cosine          " + " ".join(f"{vr / (rr * vv) ** 0.5:+.2f}" for vr, rr, vv in sums))
+        print(f"  {path:4s} path ‖v‖ / ‖δr‖      " + " ".join(f"{(vv / rr) ** 0.5:.2f}" for _, rr, vv in sums))
 
 
 if __name__ == "__main__":

@@ -185,3 +185,27 @@ def test_up_patch_probe_identities(pair: tuple[torch.nn.Module, torch.nn.Module]
         for site in FROZEN_SITES[1:]:  # each freeze changes the perturbed run
             assert np.abs((mixed[site][0] - total).numpy()).max() > 1e-4, site
             assert abs(mixed[site][2].item() - drift.item()) > 1e-4, site
+
+
+def test_up_patch_probe_mlp_paths(pair: tuple[torch.nn.Module, torch.nn.Module], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe's two MLP paths sum to the MLP's change for a small input step (first order), the up
+    path is exactly the change with the gate held, and no perturbation gives no response."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))
+    from up_patch_probe import linear_mlp_response, mlp_paths
+
+    fp, q = pair
+    mlp = fp.model.layers[1].mlp
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 64, generator=generator)
+    dx = 1e-3 * torch.randn(20, 64, generator=generator)
+    with torch.inference_mode():
+        paths = mlp_paths(mlp, x, dx)
+        change = mlp(x + dx) - mlp(x)
+        held_gate = mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x + dx)) - mlp(x)
+    assert ((paths["gate"] + paths["up"] - change).norm() / change.norm()).item() < 1e-2
+    torch.testing.assert_close(paths["up"], held_gate, rtol=1e-3, atol=1e-6)
+    assert paths["gate"].norm() > 0.1 * change.norm()
+    batch = next(iter_batches(_examples(n=4), 4))
+    assert all(values == (0.0, 0.0, 0.0) for values in linear_mlp_response(fp, fp, batch, [1]).values())
+    moved = linear_mlp_response(fp, q, batch, [1])
+    assert set(moved) == {("gate", 1), ("up", 1)} and all(values[1] > 0 for values in moved.values())
