@@ -47,6 +47,21 @@ from qbreak.patching import RESCALING_KINDS, with_fp_weights
 FROZEN_SITES = ("none", "up", "gate", "down", "attn")
 
 
+def _entering(other: torch.nn.Module, batch: Batch, layer: int) -> torch.Tensor:
+    """`other`'s residual entering `layer` [batch, pos, d_model]."""
+    got: dict[str, torch.Tensor] = {}
+    with hooks(other, {(layer, "block_in"): lambda x: got.__setitem__("x", x)}):
+        final_hidden_state(other, batch)
+    return got["x"]
+
+
+def _after_first(batch: Batch) -> torch.Tensor:
+    """[batch, pos] mask of the real tokens after the first (which carries the massive activations)."""
+    scored = batch.attention_mask.bool().clone()
+    scored[:, 0] = False
+    return scored
+
+
 @torch.inference_mode()
 def frozen_site_runs(
     fp: torch.nn.Module, other: torch.nn.Module, batch: Batch, layers: Sequence[int], sites: Sequence[str] = FROZEN_SITES
@@ -54,21 +69,18 @@ def frozen_site_runs(
     """site → (summed NLL [batch], scored tokens [batch], drift [len(layers)]) of the FP model whose
     residual entering `layers[0]` is `other`'s, with that site frozen at the clean FP run's values in
     `layers`. drift[i] = ‖r − r_clean‖ / ‖r_clean‖ of layer `layers[i]`'s output over the batch's real
-    tokens after the first (the first token carries the massive activations)."""
+    tokens after the first."""
     first = layers[0]
-    entering: dict[tuple[int, str], torch.Tensor] = {}
-    with hooks(other, {(first, "block_in"): lambda x: entering.__setitem__((first, "block_in"), x)}):
-        final_hidden_state(other, batch)
+    entering = _entering(other, batch, first)
     keys = [(layer, site) for layer in layers for site in [*sites, "block_out"] if site != "none"]
     clean: dict[tuple[int, str], torch.Tensor] = {}
     with hooks(fp, {key: (lambda x, key=key: clean.__setitem__(key, x)) for key in keys}):
         final_hidden_state(fp, batch)
-    scored = batch.attention_mask.bool().clone()  # [batch, pos]
-    scored[:, 0] = False
+    scored = _after_first(batch)
     results = {}
     for site in sites:
         outputs: dict[int, torch.Tensor] = {}
-        fns = {(first, "block_in"): lambda x: entering[(first, "block_in")]}
+        fns = {(first, "block_in"): lambda x: entering}
         if site != "none":
             fns |= {(layer, site): (lambda x, key=(layer, site): clean[key]) for layer in layers}
         fns |= {(layer, "block_out"): (lambda x, layer=layer: outputs.__setitem__(layer, x)) for layer in layers}
@@ -99,9 +111,7 @@ def linear_mlp_response(
     gate path and the up path v of the FP MLP's linearised response (module docstring) in the run
     whose residual entering `layers[0]` is `other`'s."""
     first = layers[0]
-    entering: dict[str, torch.Tensor] = {}
-    with hooks(other, {(first, "block_in"): lambda x: entering.__setitem__("x", x)}):
-        final_hidden_state(other, batch)
+    entering = _entering(other, batch, first)
     runs: list[dict[tuple[int, str], torch.Tensor]] = []
     for perturbed in (False, True):
         got: dict[tuple[int, str], torch.Tensor] = {}
@@ -111,13 +121,12 @@ def linear_mlp_response(
             for site in ("pre_norm", "post_norm")
         }
         if perturbed:
-            fns[(first, "block_in")] = lambda x: entering["x"]
+            fns[(first, "block_in")] = lambda x: entering
         with hooks(fp, fns):
             final_hidden_state(fp, batch)
         runs.append(got)
     clean, moved = runs
-    scored = batch.attention_mask.bool().clone()  # [batch, pos]
-    scored[:, 0] = False
+    scored = _after_first(batch)
     sums = {}
     for layer in layers:
         mlp = decoder_layers(fp)[layer].mlp
