@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -130,9 +132,6 @@ def test_config_files_with_merge_keys_or_tab_indented_json_are_read(tmp_path: Pa
 def test_make_run_checks_its_config_file_before_snakemake(tmp_path: Path) -> None:
     """Snakemake reports a YAML error in a --configfile without the file's name; `make run` checks the
     file first with `python -m qbreak.config`, which names it (one line, exit status 1)."""
-    import subprocess
-    import sys
-
     broken = tmp_path / "broken.yaml"
     broken.write_text("methods:\n  a: [1, 2\n")
     control = tmp_path / "control.yaml"
