@@ -96,8 +96,10 @@ def frozen_site_runs(
 
 def mlp_paths(mlp: torch.nn.Module, x: torch.Tensor, dx: torch.Tensor) -> dict[str, torch.Tensor]:
     """The gate path and the up path [tokens, d_model] of a gated MLP's first-order response to its
-    input moving from x to x + dx ([tokens, d_model]); their sum is the MLP's directional derivative
-    (down_proj and up_proj are linear)."""
+    input moving from x to x + dx ([tokens, d_model]); their sum is the MLP's directional derivative.
+    The projections must be bias-free (Llama-style), so that a projection of dx is its change."""
+    if any(getattr(mlp, name).bias is not None for name in ("gate_proj", "up_proj")):
+        raise ValueError("mlp_paths needs bias-free gate_proj and up_proj")
     gate, up = mlp.gate_proj(x), mlp.up_proj(x)  # [tokens, d_mlp]
     activated, gate_change = torch.func.jvp(mlp.act_fn, (gate,), (mlp.gate_proj(dx),))
     return {"gate": mlp.down_proj(gate_change * up), "up": mlp.down_proj(activated * mlp.up_proj(dx))}

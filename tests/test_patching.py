@@ -5,14 +5,17 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
 
 from qbreak.errors import QbreakError
 from qbreak.hooks import hooks
+from qbreak.io import PATCH_SUMMARY_SCHEMA
 from qbreak.nll import per_example_nll
 from qbreak.patching import Patch, build_patches, patching_table, upper_half
+from qbreak.patching_summary import UP_SITE_NOTE, patching_markdown
 from qbreak.passes import iter_batches
 from tests.conftest import REPO, make_tiny_llama, perturbed_copy
 from tests.test_kl import _examples
@@ -209,3 +212,18 @@ def test_up_patch_probe_mlp_paths(pair: tuple[torch.nn.Module, torch.nn.Module],
     assert all(values == (0.0, 0.0, 0.0) for values in linear_mlp_response(fp, fp, batch, [1]).values())
     moved = linear_mlp_response(fp, q, batch, [1])
     assert set(moved) == {("gate", 1), ("up", 1)} and all(values[1] > 0 for values in moved.values())
+
+
+def test_patching_markdown_flags_the_up_site() -> None:
+    """The Table-4 markdown says how to read an `up` row (bench/up_patch_probe.py), and only when there is one."""
+    def table(sites: list[str]) -> pa.Table:
+        rows = [
+            {"model": "m", "method": "q", "set": name, "site": site, "layers": "–" if site in ("fp", "none") else "1-2",
+             "n": 3, "perplexity": 10.0, "recovered": 0.5}
+            for site in sites for name in ("large", "ctrl")
+        ]
+        return pa.Table.from_pylist(rows, schema=PATCH_SUMMARY_SCHEMA)
+
+    with_up = patching_markdown(table(["fp", "none", "gate", "up"]), "m")
+    assert "| up | 1-2 | 10.00 | 0.50 | 10.00 | 0.50 |" in with_up and with_up.rstrip().endswith(UP_SITE_NOTE)
+    assert UP_SITE_NOTE not in patching_markdown(table(["fp", "none", "gate", "down"]), "m")

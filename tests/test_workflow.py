@@ -36,6 +36,7 @@ from qbreak.io import (
     read_table,
     table_metadata,
 )
+from qbreak.patching_summary import UP_SITE_NOTE
 from tests.conftest import (
     BLOCK_MODEL_LIBRARIES, REPO, RUN_TO_RUN_ATOL, RUN_TO_RUN_RTOL, SNAKEMAKE, float_environment_resets, run_snakemake,
     table_difference, table_mismatch,
@@ -333,6 +334,7 @@ def test_patching_outputs(tiny_run: Path) -> None:
     assert resid and resid[0]["recovered"] == pytest.approx(1.0, abs=1e-3)
     markdown = (results / "analysis" / "smollm2-135m" / "patching_table.md").read_text()
     assert "| quantized |" in markdown and "| gate_input | 15-29 |" in markdown
+    assert markdown.rstrip().endswith(UP_SITE_NOTE)  # the tiny run patches `up`
     for name in ("patching_sites", "patching_sweep"):
         assert (results / "figures" / "smollm2-135m" / f"{name}.svg").stat().st_size > 1000
 

@@ -89,4 +89,16 @@ def patching_markdown(summary: pa.Table, model: str, note: str | None = None) ->
                     cells += ["–", "–"]
             title = {"fp": "FP", "none": "quantized"}.get(site, site)
             lines.append(f"| {title} | {label if site not in ('fp', 'none') else '–'} | " + " | ".join(cells) + " |")
+    if any(r["site"] == "up" for r in rows):
+        lines += ["", UP_SITE_NOTE]
     return "\n".join(lines) + "\n"
+
+
+# Measured by bench/up_patch_probe.py (README, Activation patching): the `up` row is an effect of the
+# intervention, not where the error sits.
+UP_SITE_NOTE = (
+    "`up` puts FP's up_proj output next to the quantized model's own act(gate). That alone breaks even "
+    "the FP model whose residual was perturbed at the first patched layer, while freezing act(gate) "
+    "helps (bench/up_patch_probe.py; README, Activation patching): read a bad `up` row as an effect of "
+    "the intervention, not as evidence that up_proj carries the error."
+)
