@@ -119,8 +119,9 @@ def check_config_files(paths: Iterable[str | os.PathLike[str]]) -> None:
         except yaml.MarkedYAMLError as error:
             line = f"line {error.problem_mark.line + 1}: " if error.problem_mark else ""
             raise QbreakError(f"{path}: {line}not valid {kind} ({error.problem})") from None
-        except yaml.YAMLError as error:  # e.g. a control character (reader errors carry no mark)
-            reason = str(error).replace('"<unicode string>"', "the file").splitlines()[0].rstrip(":")
+        except yaml.YAMLError as error:  # e.g. a control character: a reader error, no mark; its
+            # second line only locates it in "<unicode string>"
+            reason = str(error).splitlines()[0].rstrip(":")
             raise QbreakError(f"{path}: not valid {kind} ({reason})") from None
         except QbreakError as error:
             raise QbreakError(str(error).replace("<unicode string>", str(path), 1)) from None
